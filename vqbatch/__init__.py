@@ -1,0 +1,29 @@
+"""vqbatch: VQ-Diffusion text-to-image datasets at scale, on torch, transformers and Ray Data.
+
+The public names are imported on first use, so `import vqbatch` stays cheap (Ray workers and the CLI import it).
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "VQDiffusionScheduler": "vqbatch.schedulers.vq_diffusion",
+    "VQDiffusionSchedulerOutput": "vqbatch.schedulers.vq_diffusion",
+    "DDPMScheduler": "vqbatch.schedulers.ddpm",
+    "DDPMSchedulerOutput": "vqbatch.schedulers.ddpm",
+    "VQModel": "vqbatch.models.vq_model",
+    "VQEncoderOutput": "vqbatch.models.vq_model",
+    "VQDiffusionTransformer": "vqbatch.models.transformer",
+    "LearnedClassifierFreeSamplingEmbeddings": "vqbatch.models.embeddings",
+    "VQDiffusionPipeline": "vqbatch.pipeline",
+    "ImagePipelineOutput": "vqbatch.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vqbatch' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

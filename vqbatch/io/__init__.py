@@ -1,0 +1,1 @@
+"""Reading prompt shards and writing images and metadata (local or S3)."""

@@ -1,0 +1,1 @@
+"""Samplers of the diffusion chain: one algorithm per file."""

@@ -1,0 +1,1 @@
+"""Training the small default model on the procedural shapes dataset."""
