@@ -66,14 +66,18 @@ class PretrainedModel(nn.Module, Configured):
         folder = local_checkpoint(path) / subfolder if subfolder else local_checkpoint(path)
         config = cls.load_config(folder)
         source = weights_file(folder, variant)
-        state = read_state_dict(source)
         with torch.device("meta"):
             model = cls.from_config(config)
+        state = model.rename_legacy_keys(read_state_dict(source))
         check_state_dict(model, state, str(source))
         if torch_dtype is not None:
             state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device=device).eval() if device is not None else model.eval()
+
+    def rename_legacy_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map key names of older checkpoint layouts to this model's names; by default there are none."""
+        return state
 
     def save_pretrained(self, directory: str | Path, variant: str | None = None, safe_serialization: bool = True) -> None:
         folder = Path(directory)
