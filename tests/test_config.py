@@ -1,0 +1,82 @@
+"""The job config: YAML, dotted overrides (CLI flags) and Python build the same validated object."""
+
+import pytest
+
+from vqbatch.config import JobConfig, load_job_config
+
+REQUIRED = {"input.paths": "prompts.parquet", "model.uri": "noop", "output.uri": "out"}
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_overrides_and_python_build_the_same_config(tmp_path):
+    yaml_path = write_yaml(tmp_path, """
+input: {paths: [a.parquet, "s3://bucket/prompts/*.parquet"], prompt_column: caption}
+model: {uri: ./ckpt, dtype: float16}
+sampling: {steps: 50, guidance_scale: 3.0, images_per_prompt: 4}
+compute: {batch_size: 16, max_actors: 2}
+output: {uri: s3://bucket/out, image_format: webp, image_quality: 80}
+s3: {endpoint_url: "http://127.0.0.1:9000"}
+""")
+    from_yaml = load_job_config(yaml_path, {"sampling.steps": 10, "sampling.base_seed": None})
+    from_python = JobConfig(
+        input={"paths": ["a.parquet", "s3://bucket/prompts/*.parquet"], "prompt_column": "caption"},
+        model={"uri": "./ckpt", "dtype": "float16"},
+        sampling={"steps": 10, "guidance_scale": 3.0, "images_per_prompt": 4},
+        compute={"batch_size": 16, "max_actors": 2},
+        output={"uri": "s3://bucket/out", "image_format": "webp", "image_quality": 80},
+        s3={"endpoint_url": "http://127.0.0.1:9000"})
+    assert from_yaml == from_python
+    assert from_yaml.sampling.steps == 10  # the override wins over the YAML value
+    assert from_yaml.sampling.base_seed == 0  # a None override (an unset flag) keeps the default
+
+
+def test_flags_alone_build_a_config_with_defaults():
+    config = load_job_config(None, REQUIRED)
+    assert config.input.paths == ("prompts.parquet",)  # one path becomes a tuple of one
+    assert (config.input.prompt_column, config.input.id_column, config.input.seed_column) == ("prompt", "id", "seed")
+    assert (config.sampling.steps, config.sampling.guidance_scale, config.sampling.truncation_rate) == (100, 5.0, 1.0)
+    assert config.output.image_format == "png" and config.output.mode == "error"
+    assert config.compute.max_actors is None and config.compute.gpus_per_actor is None
+
+
+@pytest.mark.parametrize("override, field, value, allowed", [
+    ({"sampling.steps": 0}, "sampling.steps", "0", "greater than or equal to 1"),
+    ({"output.image_format": "gif"}, "output.image_format", "'gif'", "'png', 'jpeg' or 'webp'"),
+    ({"sampling.truncation_rate": 1.5}, "sampling.truncation_rate", "1.5", "less than or equal to 1"),
+    ({"model.dtype": "int8"}, "model.dtype", "'int8'", "'float32', 'float16' or 'bfloat16'"),
+    ({"sampling.stepz": 3}, "sampling.stepz", "3", "steps, guidance_scale, truncation_rate"),
+    ({"compute.batch_size": "many"}, "compute.batch_size", "'many'", "valid integer"),
+])
+def test_errors_name_field_value_and_what_is_allowed(override, field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        load_job_config(None, {**REQUIRED, **override})
+    message = str(error.value)
+    assert field in message and value in message and allowed in message
+
+
+def test_missing_sections_and_inverted_pool_are_reported():
+    with pytest.raises(ValueError, match="input: required field is missing") as error:
+        load_job_config(None, {"model.uri": "noop"})
+    assert "output: required field is missing" in str(error.value)
+    with pytest.raises(ValueError, match="max_actors=1 must be >= min_actors=3"):
+        load_job_config(None, {**REQUIRED, "compute.min_actors": 3, "compute.max_actors": 1})
+
+
+def test_bad_yaml_files_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="job config file not found"):
+        load_job_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_job_config(write_yaml(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_job_config(write_yaml(tmp_path, "input: [unclosed\n"))
+
+
+def test_secrets_do_not_show_in_dumps():
+    config = load_job_config(None, {**REQUIRED, "s3.secret_access_key": "hunter2"})
+    assert config.s3.secret_access_key.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(config) and "hunter2" not in config.model_dump_json()

@@ -1,0 +1,166 @@
+"""The job config: what to read, which model, how to sample, on what compute, where to write.
+
+One `JobConfig` is built the same way from a YAML file, from CLI flags and from Python: `load_job_config(yaml_path,
+overrides)` deep-merges dotted-key overrides (`{"sampling.steps": 10}`) over the YAML mapping and validates the
+result. A bad value is a `ValueError` that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen (hashable, safe to share with Ray workers), strict about unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class InputConfig(Section):
+    paths: tuple[str, ...] = Field(min_length=1)  # Parquet files, folders or globs; local or s3://
+    prompt_column: str = "prompt"
+    id_column: str = "id"  # string or integer ids; written as strings
+    seed_column: str = "seed"  # used when the input has it (integers in [0, 2**63)); otherwise seeds are derived
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def one_path_is_a_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, (str, Path)) else value
+
+    @field_validator("paths", mode="after")
+    @classmethod
+    def paths_are_not_blank(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not str(path).strip() for path in value):
+            raise ValueError("every input path must be a non-empty file, folder, glob or s3:// URI")
+        return tuple(str(path) for path in value)
+
+
+class ModelConfig(Section):
+    uri: str = Field(min_length=1)  # checkpoint folder, s3:// URI, hub id, or "noop"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
+
+
+class SamplingConfig(Section):
+    steps: int = Field(100, ge=1)  # reverse-diffusion steps
+    guidance_scale: float = Field(5.0, ge=0)  # classifier-free guidance weight; <= 1 disables guidance
+    truncation_rate: float = Field(1.0, gt=0, le=1)  # keep the most likely classes holding this probability mass
+    images_per_prompt: int = Field(1, ge=1)
+    base_seed: int = Field(0, ge=0, lt=2**63)  # seeds of rows without their own seed derive from it
+
+
+class ComputeConfig(Section):
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)  # None: one per GPU, or every CPU but one
+    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # images sampled together by one actor call
+
+    @model_validator(mode="after")
+    def pool_is_not_inverted(self) -> "ComputeConfig":
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors={self.max_actors} must be >= min_actors={self.min_actors}")
+        return self
+
+
+class OutputConfig(Section):
+    uri: str = Field(min_length=1)  # local folder or s3://bucket/prefix
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_quality: int = Field(95, ge=1, le=100)  # jpeg and webp only
+    rows_per_file: int = Field(1000, ge=1)  # rows per metadata Parquet file
+    mode: Literal["error", "overwrite"] = "error"  # what to do when the output already holds a dataset
+
+
+class S3Config(Section):
+    """S3 settings; each unset field falls back to the usual AWS environment variables."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL
+    region: str | None = None  # else AWS_REGION or AWS_DEFAULT_REGION, else us-east-1
+    access_key_id: str | None = None  # else AWS_ACCESS_KEY_ID
+    secret_access_key: SecretStr | None = None  # else AWS_SECRET_ACCESS_KEY
+    session_token: SecretStr | None = None  # else AWS_SESSION_TOKEN
+
+
+class JobConfig(Section):
+    input: InputConfig
+    model: ModelConfig
+    sampling: SamplingConfig = SamplingConfig()
+    compute: ComputeConfig = ComputeConfig()
+    output: OutputConfig
+    s3: S3Config = S3Config()
+
+
+def load_job_config(yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """Validate the YAML mapping at `yaml_path` (if any) with dotted-key `overrides` applied on top.
+
+    Overrides whose value is None are skipped, so unset CLI flags leave the YAML value alone.
+    """
+    settings = read_yaml(yaml_path) if yaml_path is not None else {}
+    for dotted_key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(settings, dotted_key, value)
+    return validate_job_config(settings)
+
+
+def validate_job_config(settings: Mapping[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(settings)
+    except ValidationError as error:
+        raise ValueError(describe_problems(error)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping with sections {', '.join(JobConfig.model_fields)}; "
+                         f"got a {type(data).__name__}")
+    return data
+
+
+def set_dotted(settings: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """settings["a"]["b"] = value for dotted_key "a.b", creating the sections on the way."""
+    *sections, leaf = dotted_key.split(".")
+    for section in sections:
+        settings = settings.setdefault(section, {})
+        if not isinstance(settings, dict):
+            raise ValueError(f"job config: {section!r} must be a mapping to set {dotted_key!r}; got {settings!r}")
+    settings[leaf] = value
+
+
+def describe_problems(error: ValidationError) -> str:
+    """One line per problem: the dotted field, the value given, and what is allowed."""
+    return "invalid job config:\n" + "\n".join(f"  {describe_problem(problem)}" for problem in error.errors())
+
+
+def describe_problem(problem: Mapping[str, Any]) -> str:
+    location = tuple(str(part) for part in problem["loc"])
+    field = ".".join(location) or "<config>"
+    if problem["type"] == "extra_forbidden":
+        return f"{field}: unknown field (value {problem['input']!r}); allowed: {', '.join(allowed_fields(location[:-1]))}"
+    if problem["type"] == "missing":
+        return f"{field}: required field is missing"
+    return f"{field}: value {problem['input']!r} is not allowed: {problem['msg']}"
+
+
+def allowed_fields(section_path: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for name in section_path:
+        annotation = model.model_fields[name].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel), section_path
+        model = annotation
+    return list(model.model_fields)
