@@ -53,3 +53,52 @@ def test_caption_parser_round_trips_and_rejects_other_text():
                  "a small red circle at the top left"]:
         with pytest.raises(ValueError, match="shapes grammar"):
             parse_caption(text)
+
+
+def engine_dataset(folder, images, prompts, statuses):
+    """A dataset in the engine's output layout, written by the engine's own writer functions."""
+    import pyarrow as pa
+
+    from vqbatch.config import JobConfig
+    from vqbatch.io.dataset import prepare_output, publish, sampled_table, write_shard
+    from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+
+    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"}, output={"uri": str(folder)})
+    rows = pa.Table.from_pylist([dict(id=str(i), prompt=p, image_index=0, seed=i, status=s, error=None)
+                                 for i, (p, s) in enumerate(zip(prompts, statuses))], schema=IMAGE_ROW_SCHEMA)
+    pixels = [image if status == "ok" else None for image, status in zip(images, statuses)]
+    tokens = [[0] if status == "ok" else None for status in statuses]
+    location = prepare_output(config.output, config.s3)
+    publish(location, [write_shard(sampled_table(rows, tokens, pixels), config)], [], config)
+
+
+def test_evaluate_dataset_reports_each_group(tmp_path):
+    from vqbatch.train.adherence import evaluate_dataset, format_report
+
+    dataset = ShapesDataset(40, seed=9, image_size=32)
+    samples = [dataset[i] for i in range(40)]
+    prompts = [s.caption for s in samples]
+    prompts[:10] = prompts[1:11]  # ten images with the wrong caption
+    prompts[11] = "a teddy bear playing in the pool"
+    statuses = ["error" if i == 12 else "ok" for i in range(40)]
+    engine_dataset(tmp_path / "out", [s.image for s in samples], prompts, statuses)
+    report = evaluate_dataset(str(tmp_path / "out"))
+    assert report["failed_rows"] == 1 and report["unscored_prompts"] == 1
+    scored = [i for i in range(40) if i not in (11, 12)]
+    two = sum(" and " in prompts[i] for i in scored)  # the prompt decides the group
+    assert report["two_object"]["n"] == two and report["one_object"]["n"] == len(scored) - two
+    assert report["overall"]["all"] == pytest.approx(
+        sum(score(samples[i].image, prompts[i])["all"] for i in scored) / len(scored))
+    assert 27 / 38 <= report["overall"]["all"] <= 29 / 38  # 28 right captions; a swap may match by chance
+    assert "one_object" in format_report(report)
+
+
+def test_eval_command_prints_the_table(tmp_path, capsys):
+    from vqbatch.cli import main
+
+    dataset = ShapesDataset(6, seed=4, image_size=32)
+    samples = [dataset[i] for i in range(6)]
+    engine_dataset(tmp_path / "out", [s.image for s in samples], [s.caption for s in samples], ["ok"] * 6)
+    assert main(["eval", "--output", str(tmp_path / "out"), "--detector-check", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "100.0%" in printed and "detector accuracy on 20" in printed

@@ -21,7 +21,29 @@ def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-COMMANDS = [add_tiny_model_command]
+def add_eval_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="prompt adherence of a generated shapes dataset, by the attribute detector")
+    parser.add_argument("--output", required=True, help="the dataset's output folder or s3:// prefix")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--detector-check", type=int, default=0, metavar="N",
+                        help="also report the detector's accuracy on N fresh ground-truth renders")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from vqbatch.train.adherence import evaluate_dataset, format_report
+        from vqbatch.train.detector import detector_accuracy
+
+        report = evaluate_dataset(args.output)
+        if args.detector_check:
+            report["detector_accuracy"] = detector_accuracy(args.detector_check)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+COMMANDS = [add_tiny_model_command, add_eval_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
