@@ -1,0 +1,219 @@
+"""Input discovery and validation, image rows, image files, the dataset writer; local files and a moto S3 server."""
+
+import os
+import socket
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vqbatch.config import InputConfig, S3Config, load_job_config
+from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, METADATA_SCHEMA, SUCCESS_NAME, OutputRoot, prepare_output,
+                                publish, read_manifest, read_metadata, sampled_table, write_shard)
+from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
+from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.images import decode_image, encode_image, image_path
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, open_input
+from vqbatch.seeds import image_seed
+
+NO_S3 = S3Config()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on loopback; AWS_* variables point boto3 and pyarrow at it for this module."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            patch.setenv(name, value)
+        yield endpoint
+    server.stop()
+
+
+def write_prompts(path, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+# ---------------------------------------------------------------- finding and checking input
+
+def test_files_folders_and_globs_are_found_once_each(tmp_path):
+    for name in ("a", "b", "c"):
+        write_prompts(tmp_path / "in" / f"{name}.parquet", id=["1"], prompt=["p"])
+    (tmp_path / "in" / "notes.txt").write_text("not an input")
+    inputs = open_input(InputConfig(paths=[str(tmp_path / "in"), str(tmp_path / "in" / "a.parquet"),
+                                           str(tmp_path / "in" / "[bc].parquet")]), NO_S3)
+    assert [os.path.basename(path) for path in inputs.paths] == ["a.parquet", "b.parquet", "c.parquet"]
+    assert inputs.num_rows == 3 and not inputs.has_seed_column
+
+
+@pytest.mark.parametrize("columns, message", [
+    (dict(id=["1"], text=["p"]), "has no column 'prompt'"),
+    (dict(key=["1"], prompt=["p"]), "has no column 'id'"),
+    (dict(id=["1"], prompt=[3]), "column 'prompt' has type int64; it must be a string"),
+    (dict(id=[1.5], prompt=["p"]), "column 'id' has type double; it must be a string or an integer"),
+    (dict(id=["1"], prompt=["p"], seed=["7"]), "seed column 'seed' has type string; it must be an integer"),
+])
+def test_missing_and_mistyped_columns_are_job_errors(tmp_path, columns, message):
+    path = write_prompts(tmp_path / "bad.parquet", **columns)
+    with pytest.raises(ValueError, match=message) as error:
+        open_input(InputConfig(paths=[str(path)]), NO_S3)
+    assert str(path) in str(error.value)
+
+
+def test_unreadable_empty_and_absent_inputs_are_job_errors(tmp_path):
+    write_prompts(tmp_path / "ok.parquet", id=["1"], prompt=["p"])
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"cannot read input file .*corrupt.parquet as Parquet.*replace or remove"):
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+    empty = write_prompts(tmp_path / "empty" / "e.parquet", id=pa.array([], pa.string()),
+                          prompt=pa.array([], pa.string()))
+    with pytest.raises(ValueError, match="the input has no rows"):
+        open_input(InputConfig(paths=[str(empty)]), NO_S3)
+    with pytest.raises(FileNotFoundError, match="matches no Parquet file"):
+        open_input(InputConfig(paths=[str(tmp_path / "nowhere" / "*.parquet")]), NO_S3)
+    with pytest.raises(ValueError, match="mix s3:// and local paths"):
+        open_input(InputConfig(paths=[str(empty), "s3://bucket/x.parquet"]), NO_S3)
+
+
+def test_a_seed_column_must_be_in_every_file_or_none(tmp_path):
+    write_prompts(tmp_path / "a.parquet", id=["1"], prompt=["p"], seed=[5])
+    write_prompts(tmp_path / "b.parquet", id=["2"], prompt=["q"])
+    with pytest.raises(ValueError, match="seed column 'seed' is in some input files but not in .*b.parquet"):
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+
+
+# ---------------------------------------------------------------- image rows
+
+def test_expand_rows_gives_one_row_per_image_with_its_seed_and_status():
+    table = pa.table({"id": [10, 11, 12, 13, None], "prompt": ["a cat", None, "   ", "a dog", "x"],
+                      "seed": [3, 4, 5, -1, 6]})
+    sampling = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": "o",
+                                      "sampling.images_per_prompt": 2, "sampling.base_seed": 9}).sampling
+    rows = expand_rows(table, InputConfig(paths=["x"]), sampling)
+    assert rows.schema == IMAGE_ROW_SCHEMA and rows.num_rows == 10
+    by_key = {(row["id"], row["image_index"]): row for row in rows.to_pylist()}
+    assert by_key[("10", 0)]["seed"] == 3 and by_key[("10", 1)]["seed"] == image_seed("10", 1, 9, row_seed=3)
+    assert by_key[("10", 0)]["status"] == "ok" and by_key[("10", 0)]["error"] is None
+    assert by_key[("11", 0)]["error"] == "prompt is null"
+    assert by_key[("12", 1)]["error"] == "prompt is empty"
+    assert "seed -1 is out of range" in by_key[("13", 0)]["error"]
+    assert by_key[("", 0)]["error"] == "id is null"
+    assert all(row["seed"] is None for row in by_key.values() if row["status"] == "error")
+
+
+def test_rows_without_a_seed_column_get_derived_seeds():
+    sampling = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": "o",
+                                      "sampling.base_seed": 4}).sampling
+    rows = expand_rows(pa.table({"id": ["a"], "prompt": ["p"]}), InputConfig(paths=["x"]), sampling).to_pylist()
+    assert rows[0]["seed"] == image_seed("a", 0, base_seed=4)
+
+
+def test_the_bundled_prompt_file_is_what_example_prompts_makes():
+    bundled = pq.read_table(EXAMPLE_PROMPTS)
+    assert bundled.equals(example_prompts())
+    assert bundled.num_rows >= 24 and len(set(bundled.column("id").to_pylist())) == bundled.num_rows
+
+
+# ---------------------------------------------------------------- images
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
+def test_images_encode_and_decode(image_format):
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    decoded = decode_image(encode_image(pixels, image_format, quality=90))
+    assert decoded.shape == pixels.shape
+    if image_format == "png":
+        np.testing.assert_array_equal(decoded, pixels)
+
+
+def test_image_names_are_stable_distinct_and_safe():
+    assert image_path("a/b", 0, "png") == image_path("a/b", 0, "png")
+    names = {image_path(row_id, index, "jpeg") for row_id in ("a/b", "a_b", "../x", "🌍") for index in (0, 1)}
+    assert len(names) == 8
+    assert all(name.startswith("images/") and name.endswith(".jpg") and ".." not in name for name in names)
+
+
+# ---------------------------------------------------------------- the dataset writer
+
+def job_config(output_uri, **overrides):
+    return load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": output_uri,
+                                  "sampling.images_per_prompt": 2, **overrides})
+
+
+def sampled_rows(config):
+    rows = expand_rows(pa.table({"id": ["a", "b", "c"], "prompt": ["red", "", "blue"]}), config.input,
+                       config.sampling)
+    pixels = [np.full((4, 6, 3), 40 * i, np.uint8) if status == "ok" else None
+              for i, status in enumerate(rows.column("status").to_pylist())]
+    tokens = [[i, i + 1] if image is not None else None for i, image in enumerate(pixels)]
+    return sampled_table(rows, tokens, pixels), pixels
+
+
+def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
+    config = job_config(str(tmp_path / "out"))
+    sampled, pixels = sampled_rows(config)
+    output = prepare_output(config.output, config.s3)
+    shard = write_shard(sampled, config)
+    assert write_shard(sampled, config) == shard  # same rows, same file name
+    publish(output, [shard], ["x"], config)
+    metadata = read_metadata(output)
+    assert metadata.schema == METADATA_SCHEMA and metadata.num_rows == 6
+    assert (shard["ok"], shard["errors"]) == (4, 2) and read_manifest(output)["rows"] == 6
+    for row, image in zip(metadata.to_pylist(), pixels):
+        if image is None:
+            assert row["image"] is None and row["tokens"] is None and row["status"] == "error"
+        else:
+            stored = decode_image((tmp_path / "out" / row["image"]).read_bytes())
+            np.testing.assert_array_equal(stored, image)
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert names == sorted([IMAGES_DIR, "metadata", MANIFEST_NAME, SUCCESS_NAME])  # no temporary files left
+    assert not [name for _, _, files in os.walk(tmp_path / "out") for name in files if name.endswith(".tmp")]
+
+
+def test_an_existing_dataset_is_refused_or_replaced_but_other_files_stay(tmp_path):
+    config = job_config(str(tmp_path))
+    (tmp_path / "keep.txt").write_text("not ours")
+    output = prepare_output(config.output, config.s3)
+    publish(output, [write_shard(sampled_rows(config)[0], config)], ["x"], config)
+    with pytest.raises(ValueError, match="already holds a dataset.*output.mode=overwrite"):
+        prepare_output(config.output, config.s3)
+    prepare_output(job_config(str(tmp_path), **{"output.mode": "overwrite"}).output, config.s3)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_s3_input_and_output_through_pyarrow_and_boto3(s3_endpoint, tmp_path):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="vqb")
+    local = write_prompts(tmp_path / "p.parquet", id=["1", "2"], prompt=["a", "b"], seed=[1, 2])
+    s3.upload_file(str(local), "vqb", "in/part-0.parquet")
+    s3.put_object(Bucket="vqb", Key="in/README.txt", Body=b"skip me")
+    inputs = open_input(InputConfig(paths=["s3://vqb/in/*.parquet"]), NO_S3)
+    assert inputs.uris == ["s3://vqb/in/part-0.parquet"] and inputs.num_rows == 2 and inputs.has_seed_column
+
+    filesystem, root = resolve("s3://vqb/out", NO_S3)
+    write_bytes_atomically(filesystem, f"{root}/metadata/x.bin", b"whole")
+    assert s3.get_object(Bucket="vqb", Key="out/metadata/x.bin")["Body"].read() == b"whole"
+    assert read_bytes(filesystem, f"{root}/metadata/x.bin") == b"whole"
+    assert list_files(filesystem, root) == ["vqb/out/metadata/x.bin"]
+
+    config = job_config("s3://vqb/dataset")
+    output = prepare_output(config.output, config.s3)
+    publish(output, [write_shard(sampled_rows(config)[0], config)], inputs.uris, config)
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="vqb", Prefix="dataset/")["Contents"]]
+    assert "dataset/_SUCCESS" in keys and sum(key.startswith("dataset/images/") for key in keys) == 4
+    assert read_metadata(OutputRoot.of(config.output, config.s3)).num_rows == 6

@@ -1,0 +1,177 @@
+"""The output dataset: images, metadata Parquet files and the manifest that publishes them.
+
+Layout under the output root (a local folder or an s3:// prefix):
+
+    images/<xx>/<id digest>_<image index>.<ext>   one file per ok image row (see `images.image_path`)
+    metadata/part-<rows digest>.parquet           one row per image row, `METADATA_SCHEMA`
+    manifest.json                                 the metadata files, counts, input files and settings
+    _SUCCESS                                      empty; written last
+
+Every file is written whole (`write_bytes_atomically`) at a name that depends only on its content's rows, so a
+rerun writes the same names. Only the metadata files listed in `manifest.json` are published; `_SUCCESS` says the
+manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vqbatch.config import JobConfig, OutputConfig, S3Config
+from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.images import encode_image, image_path
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+
+MANIFEST_NAME = "manifest.json"
+SUCCESS_NAME = "_SUCCESS"
+METADATA_DIR = "metadata"
+IMAGES_DIR = "images"
+TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
+
+# What the sampler hands to the writer: the image rows plus tokens and raw pixels (null on error rows).
+SAMPLED_SCHEMA = IMAGE_ROW_SCHEMA.append(pa.field("tokens", TOKENS_TYPE)) \
+    .append(pa.field("pixels", pa.binary())).append(pa.field("height", pa.int32())).append(pa.field("width", pa.int32()))
+
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("image_index", pa.int32()), ("seed", pa.int64()),
+    ("tokens", TOKENS_TYPE),
+    ("image", pa.string()),  # path relative to the output root; null on error rows
+    ("status", pa.string()), ("error", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
+    ("truncation_rate", pa.float64()), ("image_format", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class OutputRoot:
+    filesystem: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def of(cls, output: OutputConfig, s3: S3Config) -> "OutputRoot":
+        return cls(*resolve(output.uri, s3))
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+
+def sampled_table(rows: pa.Table, tokens: list, pixels: list) -> pa.Table:
+    """`rows` (IMAGE_ROW_SCHEMA) with per-row tokens (list of ints or None) and pixels ((H, W, 3) uint8 or None)."""
+    sizes = [(None, None) if image is None else image.shape[:2] for image in pixels]
+    columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names},
+               "tokens": pa.array(tokens, TOKENS_TYPE),
+               "pixels": pa.array([None if image is None else image.tobytes() for image in pixels], pa.binary()),
+               "height": pa.array([size[0] for size in sizes], pa.int32()),
+               "width": pa.array([size[1] for size in sizes], pa.int32())}
+    return pa.table(columns, schema=SAMPLED_SCHEMA)
+
+
+def write_shard(sampled: pa.Table, config: JobConfig) -> dict:
+    """Encode and write the images of `sampled`, then its metadata file; return the file's summary."""
+    output = OutputRoot.of(config.output, config.s3)
+    image_paths = [write_image(output, row, config.output) if row["status"] == "ok" else None
+                   for row in sampled.select(["id", "image_index", "status", "pixels", "height", "width"]).to_pylist()]
+    metadata = metadata_table(sampled, image_paths, config)
+    relative = f"{METADATA_DIR}/part-{rows_digest(metadata)}.parquet"
+    write_bytes_atomically(output.filesystem, output.path(relative), parquet_bytes(metadata))
+    ok = sum(status == "ok" for status in metadata.column("status").to_pylist())
+    return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
+
+
+def write_image(output: OutputRoot, row: dict, settings: OutputConfig) -> str:
+    pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
+    relative = image_path(row["id"], row["image_index"], settings.image_format)
+    data = encode_image(pixels, settings.image_format, settings.image_quality)
+    write_bytes_atomically(output.filesystem, output.path(relative), data)
+    return relative
+
+
+def metadata_table(sampled: pa.Table, image_paths: list[str | None], config: JobConfig) -> pa.Table:
+    constants = {"model": config.model.uri, "steps": config.sampling.steps,
+                 "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
+                 "image_format": config.output.image_format}
+    columns = {name: sampled.column(name) for name in sampled.column_names if name in METADATA_SCHEMA.names}
+    columns["image"] = pa.array(image_paths, pa.string())
+    for name, value in constants.items():
+        columns[name] = pa.array([value] * sampled.num_rows, METADATA_SCHEMA.field(name).type)
+    return pa.table({name: columns[name] for name in METADATA_SCHEMA.names}, schema=METADATA_SCHEMA)
+
+
+def rows_digest(metadata: pa.Table) -> str:
+    """16 hex digits naming a metadata file by the (id, image_index) keys it holds."""
+    keys = sorted(zip(metadata.column("id").to_pylist(), metadata.column("image_index").to_pylist()))
+    text = "\n".join(f"{image_index}\t{row_id}" for row_id, image_index in keys)
+    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
+    """Check that the output may be written: refuse to mix with an existing dataset unless mode is overwrite.
+
+    Overwrite deletes only what this layout writes (the manifest, the marker, metadata/ and images/).
+    """
+    location = OutputRoot.of(output, s3)
+    existing = [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR)
+                if exists(location.filesystem, location.path(name))]
+    if existing and output.mode == "error":
+        raise ValueError(f"output {output.uri} already holds a dataset ({', '.join(existing)}); choose an empty "
+                         "output or set output.mode=overwrite (--overwrite) to replace it")
+    for name in existing:
+        remove(location.filesystem, location.path(name))
+    return location
+
+
+def remove(filesystem: pafs.FileSystem, path: str) -> None:
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    else:
+        filesystem.delete_file(path)
+
+
+def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], config: JobConfig) -> dict:
+    """Write the manifest, then the `_SUCCESS` marker: the dataset is visible to readers from here on."""
+    manifest = {
+        "format": "vqbatch-dataset/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": sum(shard["rows"] for shard in shards),
+        "ok": sum(shard["ok"] for shard in shards),
+        "errors": sum(shard["errors"] for shard in shards),
+        "metadata_files": sorted(shards, key=lambda shard: shard["file"]),
+        "input_files": input_uris,
+        "model": config.model.model_dump(mode="json"),
+        "sampling": config.sampling.model_dump(mode="json"),
+        "output": config.output.model_dump(mode="json"),
+    }
+    write_bytes_atomically(location.filesystem, location.path(MANIFEST_NAME),
+                           json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
+    write_bytes_atomically(location.filesystem, location.path(SUCCESS_NAME), b"")
+    return manifest
+
+
+def read_manifest(location: OutputRoot) -> dict:
+    if not exists(location.filesystem, location.path(SUCCESS_NAME)):
+        raise FileNotFoundError(f"no published dataset at {location.root}: {SUCCESS_NAME} is missing")
+    return json.loads(read_bytes(location.filesystem, location.path(MANIFEST_NAME)))
+
+
+def read_metadata(location: OutputRoot) -> pa.Table:
+    """Every published metadata row (the files the manifest lists), as one table."""
+    files = [location.path(shard["file"]) for shard in read_manifest(location)["metadata_files"]]
+    tables = [pq.read_table(path, filesystem=location.filesystem) for path in files]
+    return pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+

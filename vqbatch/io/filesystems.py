@@ -1,0 +1,91 @@
+"""Local and S3 filesystems (pyarrow) behind one `(filesystem, path)` pair, and atomic whole-file writes.
+
+An `s3://bucket/key` URI maps to an `S3FileSystem` and the path `bucket/key`; anything else is a local path.
+Endpoint, region and credentials come from `S3Config` fields, else the usual AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from vqbatch.config import S3Config
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def resolve(uri: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `uri` and the path of `uri` inside it."""
+    if is_s3(uri):
+        return s3_filesystem(s3), uri[len(S3_SCHEME):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
+    """The URI a user would write for `path` in `filesystem` (the inverse of `resolve`)."""
+    return S3_SCHEME + path if isinstance(filesystem, pafs.S3FileSystem) else path
+
+
+def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = dict(
+        region=s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        access_key=s3.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=secret(s3.secret_access_key) or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=secret(s3.session_token) or os.environ.get("AWS_SESSION_TOKEN"),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+    )
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
+    if not options["access_key"]:  # no explicit credentials: let the AWS SDK find them (profile, instance role)
+        options.pop("access_key"), options.pop("secret_key"), options.pop("session_token")
+    return pafs.S3FileSystem(**options)
+
+
+def secret(value) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def write_bytes_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers see either nothing or all of it.
+
+    Locally: write a hidden temporary file next to `path`, then rename it over `path`.
+    On S3 an object only becomes visible once its upload completes, so it is written in place.
+    """
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        folder, name = posixpath.split(path)
+        filesystem.create_dir(folder, recursive=True)
+        temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        with filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        filesystem.move(temporary, path)
+    else:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+
+
+def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """Every file under `folder`, recursively, sorted; hidden (`.`) and marker (`_`) files left out."""
+    if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    selector = pafs.FileSelector(folder, recursive=True)
+    return sorted(info.path for info in filesystem.get_file_info(selector)
+                  if info.type == pafs.FileType.File and not posixpath.basename(info.path).startswith((".", "_")))
