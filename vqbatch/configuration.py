@@ -46,6 +46,11 @@ class ComponentConfig(BaseModel):
         return type(self).model_fields.keys()
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
 def describe_validation_error(cls: type[BaseModel], settings: Mapping[str, Any], error: ValidationError) -> str:
     """One line per problem: which key, what value, what is allowed."""
     lines = []
@@ -54,9 +59,9 @@ def describe_validation_error(cls: type[BaseModel], settings: Mapping[str, Any],
         value = settings.get(str(problem["loc"][0]), problem.get("input")) if problem["loc"] else settings
         if problem["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(cls.model_fields))
-            lines.append(f"unknown key {key!r} (value {value!r}); allowed keys: {allowed}")
+            lines.append(f"unknown key {key!r} (value {short_repr(value)}); allowed keys: {allowed}")
         else:
-            lines.append(f"invalid value {value!r} for {key!r}: {problem['msg']}")
+            lines.append(f"invalid value {short_repr(value)} for {key!r}: {problem['msg']}")
     return f"{cls.__name__}: " + "; ".join(lines)
 
 
