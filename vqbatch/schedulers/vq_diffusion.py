@@ -1,0 +1,367 @@
+"""VQ-Diffusion sampling (Gu et al. 2022): the reverse mask-and-replace chain over discrete image tokens.
+
+Tokens take K + 1 values: K codebook classes and the mask token K (the last class, `mask_class`).
+Notation of Gu et al., section 4.1 (timesteps count from 0 here):
+    forward step, eq. 7:  q(x_t | x_{t-1}) keeps a token with α_t, replaces it by any of the K classes with β_t each,
+                          masks it with γ_t (α_t + K β_t + γ_t = 1); a masked token stays masked.
+    forward jump, eq. 8:  q(x_t | x_0) has the same form with ᾱ_t = Π α, γ̄_t = 1 - Π (1 - γ), β̄_t = (1 - ᾱ_t - γ̄_t) / K;
+                          ᾱ_t and γ̄_t are linear in t from `*_cum_start` to `*_cum_end`.
+    reverse step, eq. 11: p(x_s | x_t) = Σ_{x_0} q(x_t | x_s) q(x_s | x_0) p(x_0 | x_t) / q(x_t | x_0),
+                          with p(x_0 | x_t) the model's prediction, worked out in log space.
+The product of mask-and-replace matrices is one again, so a jump s -> t over several steps is a single transition with
+α_{s->t} = ᾱ_t / ᾱ_s,  1 - γ_{s->t} = (1 - γ̄_t) / (1 - γ̄_s),  β_{s->t} = (1 - α_{s->t} - γ_{s->t}) / K,
+and the reverse formula holds unchanged for s < t - 1. s = -1 stands for the clean tokens x_0 (ᾱ = 1, γ̄ = 0).
+
+Fewer steps than training, `set_timesteps(num_inference_steps, device=None, spacing="reference")`:
+    spacing="reference"  the diffusers behaviour: run the last `num_inference_steps` single steps of the chain,
+                         timesteps n-1, ..., 0, each to its predecessor t-1 (from an all-masked latent this starts in
+                         the middle of the chain).
+    spacing="skip"       timesteps spread evenly over the whole chain, round(linspace(T-1, 0, n)) (for n = 1 just T-1),
+                         each step jumping to the next timestep of the schedule with the jump posterior above; the
+                         last jump lands on x_0. With n = T both spacings are the same schedule.
+`step` looks the previous timestep up in the schedule (`previous_timestep`). At t = 0 it samples the model's
+prediction of x_0 directly, as the reference does.
+
+Randomness: Gumbel-max sampling with noise from `generator`. A single generator draws the whole batch at once, as the
+reference does; a list of generators draws row i from generator i with the shape a batch of one would use, so a row's
+tokens do not depend on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+
+from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
+
+Spacing = Literal["reference", "skip"]
+SPACINGS = ("reference", "skip")
+TINY = 1e-30  # the probability floor of the reference sampler: log(0) is stored as log(1e-30)
+LOG_TINY = torch.tensor(TINY).log()  # () float32, ≈ -69.08
+
+
+@dataclass
+class VQDiffusionSchedulerOutput:
+    prev_sample: torch.LongTensor  # (B, P) tokens at the previous timestep, the next input of the model
+
+
+class VQDiffusionSchedulerConfig(ComponentConfig):
+    num_vec_classes: int = Field(ge=2)  # K codebook classes + 1 mask class
+    num_train_timesteps: int = Field(default=100, ge=2)
+    alpha_cum_start: float = Field(default=0.99999, gt=0, le=1)  # ᾱ_0: chance a token is still itself after step 0
+    alpha_cum_end: float = Field(default=0.000009, gt=0, le=1)  # ᾱ_{T-1}
+    gamma_cum_start: float = Field(default=0.000009, ge=0, lt=1)  # γ̄_0: chance a token is masked after step 0
+    gamma_cum_end: float = Field(default=0.99999, ge=0, lt=1)  # γ̄_{T-1}
+
+    @field_validator("alpha_cum_end")
+    @classmethod
+    def alpha_never_grows(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("alpha_cum_start")
+        if start is not None and value > start:
+            raise ValueError(f"must be <= alpha_cum_start ({start}): a token cannot become more likely to be intact")
+        return value
+
+    @field_validator("gamma_cum_start")
+    @classmethod
+    def start_probabilities_fit(cls, value: float, info: ValidationInfo) -> float:
+        alpha = info.data.get("alpha_cum_start")
+        if alpha is not None and alpha + value > 1:
+            raise ValueError(f"alpha_cum_start + gamma_cum_start must be <= 1, got {alpha} + {value}")
+        return value
+
+    @field_validator("gamma_cum_end")
+    @classmethod
+    def every_step_is_a_distribution(cls, value: float, info: ValidationInfo) -> float:
+        """β_t >= 0 at every step. With linear ᾱ and 1 - γ̄ this reduces, for all t alike, to
+        (1 - γ̄_start) (ᾱ_start - ᾱ_end) >= ᾱ_start (γ̄_end - γ̄_start)."""
+        alpha_start, alpha_end = info.data.get("alpha_cum_start"), info.data.get("alpha_cum_end")
+        gamma_start = info.data.get("gamma_cum_start")
+        if gamma_start is None or alpha_start is None or alpha_end is None:
+            return value  # an earlier field failed and is reported on its own
+        if value < gamma_start:
+            raise ValueError(f"must be >= gamma_cum_start ({gamma_start}): a masked token stays masked")
+        if (1 - gamma_start) * (alpha_start - alpha_end) < alpha_start * (value - gamma_start):
+            raise ValueError(
+                "the replace probability β_t would be negative: need (1 - gamma_cum_start) * (alpha_cum_start - "
+                f"alpha_cum_end) >= alpha_cum_start * (gamma_cum_end - gamma_cum_start), i.e. gamma_cum_end <= "
+                f"{gamma_start + (1 - gamma_start) * (alpha_start - alpha_end) / alpha_start}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedules (float64, like the reference, turned into float32 logs at the end)
+
+
+def linear_cumulative(start: float, end: float, num_train_timesteps: int) -> torch.Tensor:
+    steps = torch.arange(num_train_timesteps, dtype=torch.float64)
+    return steps / (num_train_timesteps - 1) * (end - start) + start  # (T,)
+
+
+def cumulative_schedules(config: VQDiffusionSchedulerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """ᾱ_t and γ̄_t for t = 0..T-1, then the identity entry (ᾱ = 1, γ̄ = 0) at index T, reached as index -1."""
+    T = config.num_train_timesteps
+    alpha_bar = linear_cumulative(config.alpha_cum_start, config.alpha_cum_end, T)
+    gamma_bar = linear_cumulative(config.gamma_cum_start, config.gamma_cum_end, T)
+    identity = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    return torch.cat((alpha_bar, identity[:1])), torch.cat((gamma_bar, identity[1:]))  # (T+1,), (T+1,)
+
+
+def replace_probability(alpha: torch.Tensor, gamma: torch.Tensor, num_classes: int) -> torch.Tensor:
+    # the config validation makes β >= 0; rounding can still push an exact 0 to -1e-17
+    return ((1 - alpha - gamma) / num_classes).clamp(min=0)
+
+
+def log_probabilities(alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return alpha.log().float(), beta.log().float(), gamma.log().float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transition rows without building the (B, K, P) matrix
+
+
+class TransitionRows(NamedTuple):
+    """log q(x_t | x_prev = j) for the non-mask classes j of every pixel, which takes two values per pixel:
+    `hot` at j = x_t and `other` elsewhere (both the masking probability where x_t is the mask)."""
+
+    index: torch.Tensor  # (B, 1, P) long, the row of x_t (clamped into 0..K-1 where x_t is the mask)
+    hot: torch.Tensor  # (B, 1, P)
+    other: torch.Tensor  # (B, 1, P)
+
+
+def transition_rows(x_t: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, log_c: torch.Tensor,
+                    mask_class: int) -> TransitionRows:
+    masked = (x_t == mask_class).unsqueeze(1)  # (B, 1, P)
+    kept = torch.logaddexp(log_a, log_b)  # log(α + β): x_prev = x_t
+    replaced = torch.logaddexp(log_a + LOG_TINY.to(log_a.device), log_b)  # log(α·1e-30 + β) ≈ log β: x_prev != x_t
+    index = x_t.clamp(max=mask_class - 1).unsqueeze(1)  # (B, 1, P)
+    return TransitionRows(index, torch.where(masked, log_c, kept), torch.where(masked, log_c, replaced))
+
+
+def combine_with_rows(source: torch.Tensor, rows: TransitionRows, op: Callable, out: torch.Tensor) -> torch.Tensor:
+    """out = op(source, Q) for the (B, K, P) matrix Q that `rows` stands for; `out` may be `source`."""
+    hot = op(source.gather(1, rows.index), rows.hot)  # (B, 1, P)
+    op(source, rows.other, out=out)
+    return out.scatter_(1, rows.index, hot)
+
+
+def log_stay_masked(x_t: torch.Tensor, mask_class: int) -> torch.Tensor:
+    """log q(x_t | x_prev = mask): 0 where x_t is the mask, the log(0) floor elsewhere."""
+    zero = torch.zeros((), device=x_t.device)
+    return torch.where(x_t == mask_class, zero, LOG_TINY.to(x_t.device)).unsqueeze(1)  # (B, 1, P)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gumbel-max sampling
+
+
+def uniform_noise(shape: torch.Size, device: torch.device,
+                  generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, device=device, generator=generator)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]} rows; "
+                         "give one generator per row, or a single generator")
+    noise = torch.empty(shape, device=device)
+    for row, row_generator in enumerate(generators):  # each row drawn as a batch of one would draw it
+        torch.rand((1, *shape[1:]), generator=row_generator, out=noise[row:row + 1])
+    return noise
+
+
+def gumbel_noised(logits: torch.Tensor, generator) -> torch.Tensor:
+    """logits + g with g = -log(-log(u + ε) + ε), u ~ U[0, 1): the reference's floors, computed in place."""
+    noise = uniform_noise(logits.shape, logits.device, generator)  # (B, C, P)
+    return noise.add_(TINY).log_().neg_().add_(TINY).log_().neg_().add_(logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the scheduler
+
+
+class VQDiffusionScheduler(ConfigOnlyComponent):
+    """Samples x_{t-1} (or the next timestep of a skipping schedule) from the transformer's log p(x_0 | x_t)."""
+
+    config_class = VQDiffusionSchedulerConfig
+    config_name = "scheduler_config.json"
+    diffusers_name = "VQDiffusionScheduler"
+
+    def __init__(self, num_vec_classes: int, num_train_timesteps: int = 100, alpha_cum_start: float = 0.99999,
+                 alpha_cum_end: float = 0.000009, gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
+        self.config = VQDiffusionSchedulerConfig.from_dict(dict(
+            num_vec_classes=num_vec_classes, num_train_timesteps=num_train_timesteps, alpha_cum_start=alpha_cum_start,
+            alpha_cum_end=alpha_cum_end, gamma_cum_start=gamma_cum_start, gamma_cum_end=gamma_cum_end))
+        self.num_embed = num_vec_classes
+        self.mask_class = num_vec_classes - 1  # also K, the number of codebook classes
+        self.num_train_timesteps = num_train_timesteps
+        self.alpha_bar, self.gamma_bar = cumulative_schedules(self.config)  # (T+1,) float64, CPU
+        beta_bar = replace_probability(self.alpha_bar, self.gamma_bar, self.mask_class)
+        self.log_cumprod_at, self.log_cumprod_bt, self.log_cumprod_ct = log_probabilities(
+            self.alpha_bar, beta_bar, self.gamma_bar)  # (T+1,) each: log ᾱ_t, log β̄_t, log γ̄_t
+        self.log_at, self.log_bt, self.log_ct = self.transition_log_probs(
+            torch.arange(-1, num_train_timesteps - 1), torch.arange(num_train_timesteps))  # (T,) single steps
+        self.num_inference_steps: int | None = None
+        self.spacing: Spacing = "reference"
+        self._use_timesteps(list(range(num_train_timesteps - 1, -1, -1)), device=None)
+
+    # -- schedule -----------------------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
+                      spacing: Spacing = "reference") -> None:
+        """Choose the timesteps `step` runs through; see the module docstring for the two spacings."""
+        T = self.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) \
+                or not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), "
+                             f"got {num_inference_steps!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(map(repr, SPACINGS))}; got {spacing!r}")
+        n = int(num_inference_steps)
+        if spacing == "reference":
+            timesteps = list(range(n - 1, -1, -1))
+        else:
+            timesteps = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
+        self.num_inference_steps, self.spacing = n, spacing
+        self._use_timesteps(timesteps, device)
+
+    def _use_timesteps(self, timesteps: list[int], device: str | torch.device | None) -> None:
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # (n,) decreasing
+        self.previous_timesteps = dict(zip(timesteps, timesteps[1:] + [-1]))
+        for name in ("log_at", "log_bt", "log_ct", "log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The timestep a step from `timestep` lands on in the current schedule; -1 stands for x_0."""
+        t = self._as_timestep(timestep, "timestep")
+        if t not in self.previous_timesteps:
+            raise ValueError(f"timestep {t} is not in the current schedule {self.timesteps.tolist()}; "
+                             "step() takes the timesteps set by set_timesteps()")
+        return self.previous_timesteps[t]
+
+    def transition_log_probs(self, s: int | torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """log α_{s->t}, log β_{s->t}, log γ_{s->t} of the jump from timestep s (-1: x_0) to t."""
+        alpha = self.alpha_bar[t] / self.alpha_bar[s]
+        gamma = 1 - (1 - self.gamma_bar[t]) / (1 - self.gamma_bar[s])
+        return log_probabilities(alpha, replace_probability(alpha, gamma, self.mask_class), gamma)
+
+    def _step_log_probs(self, s: int, t: int) -> tuple[torch.Tensor, ...]:
+        if s == t - 1:
+            return self.log_at[t], self.log_bt[t], self.log_ct[t]  # precomputed single steps
+        return tuple(p.to(self.log_at.device) for p in self.transition_log_probs(s, t))
+
+    # -- math ---------------------------------------------------------------------------------------------------------
+
+    def log_Q_t_transitioning_to_known_class(self, *, t: int | torch.Tensor, x_t: torch.LongTensor,
+                                             log_onehot_x_t: torch.Tensor | None = None,
+                                             cumulative: bool) -> torch.Tensor:
+        """Columns of log transition probabilities into each pixel's x_t.
+
+        cumulative=True:  log q(x_t | x_0 = j) for the K non-mask classes j, shape (B, K, P).
+        cumulative=False: log q(x_t | x_{t-1} = j) for all K + 1 classes, shape (B, K + 1, P).
+        Log zeros are the reference's floor log(1e-30). `log_onehot_x_t` (the log one-hot of x_t) is accepted for
+        diffusers-style callers; the rows follow from x_t alone, so it is not read.
+        """
+        t = self._checked_train_timestep(t, "t")
+        x_t = self._checked_tokens(x_t, "x_t")
+        if cumulative:
+            log_abc = self.log_cumprod_at[t], self.log_cumprod_bt[t], self.log_cumprod_ct[t]
+        else:
+            log_abc = self.log_at[t], self.log_bt[t], self.log_ct[t]
+        rows = transition_rows(x_t, *log_abc, self.mask_class)
+        B, P = x_t.shape
+        K = self.mask_class
+        out = torch.empty((B, K if cumulative else K + 1, P), device=x_t.device)
+        out[:, :K] = rows.other
+        out[:, :K].scatter_(1, rows.index, rows.hot)
+        if not cumulative:
+            out[:, K:] = log_stay_masked(x_t, self.mask_class)
+        return out
+
+    def q_posterior(self, log_p_x_0: torch.Tensor, x_t: torch.LongTensor, t: int | torch.Tensor,
+                    t_prev: int | None = None) -> torch.Tensor:
+        """log p(x_{t_prev} | x_t) = log Σ_{x_0} q(x_t | x_{t_prev}) q(x_{t_prev} | x_0) p(x_0) / q(x_t | x_0).
+
+        log_p_x_0: (B, K, P) the model's log p(x_0 | x_t); x_t: (B, P) tokens; t_prev defaults to t - 1 (the reference
+        single step), any -1 <= t_prev < t is a jump. Returns (B, K + 1, P); it sums to 1 over classes when p(x_0) does.
+        """
+        t = self._checked_train_timestep(t, "t")
+        t_prev = t - 1 if t_prev is None else self._as_timestep(t_prev, "t_prev")
+        if not -1 <= t_prev < t:
+            raise ValueError(f"t_prev must lie in [-1, {t - 1}] (before t={t}), got {t_prev}")
+        x_t = self._checked_tokens(x_t, "x_t")
+        self._check_model_output(log_p_x_0, x_t)
+        return self._posterior(log_p_x_0, x_t, t, t_prev)
+
+    def _posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        B, K, P = log_p_x_0.shape
+        to_t = transition_rows(x_t, self.log_cumprod_at[t], self.log_cumprod_bt[t], self.log_cumprod_ct[t],
+                               self.mask_class)  # q(x_t | x_0)
+        s_to_t = transition_rows(x_t, *self._step_log_probs(s, t), self.mask_class)  # q(x_t | x_s)
+        dtype = torch.promote_types(log_p_x_0.dtype, torch.float32)
+        out = torch.empty((B, K + 1, P), dtype=dtype, device=log_p_x_0.device)
+        q = out[:, :K]  # (B, K, P) view: the non-mask classes
+        combine_with_rows(log_p_x_0, to_t, torch.sub, out=q)  # log p(x_0) / q(x_t | x_0)
+        norm = torch.logsumexp(q, dim=1, keepdim=True)  # (B, 1, P)
+        q.sub_(norm)  # weights over x_0 that sum to 1
+        q.add_(self.log_cumprod_at[s])
+        torch.logaddexp(q, self.log_cumprod_bt[s], out=q)  # Σ_{x_0} w(x_0) q(x_s = j | x_0) = ᾱ_s w_j + β̄_s
+        combine_with_rows(q, s_to_t, torch.add, out=q)  # · q(x_t | x_s = j)
+        q.add_(norm)
+        # mask row: γ̄_s · q(x_t | x_s = mask) · norm
+        torch.add(self.log_cumprod_ct[s] + log_stay_masked(x_t, self.mask_class), norm, out=out[:, K:])
+        return out  # (B, K + 1, P)
+
+    # -- sampling -----------------------------------------------------------------------------------------------------
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             return_dict: bool = True) -> VQDiffusionSchedulerOutput | tuple[torch.LongTensor]:
+        """Sample the tokens at the previous timestep of the schedule.
+
+        model_output: (B, K, P) log p(x_0 | x_t); sample: (B, P) tokens x_t; generator: one, or one per row.
+        """
+        t = self._as_timestep(timestep, "timestep")
+        s = self.previous_timestep(t)
+        x_t = self._checked_tokens(sample, "sample")
+        self._check_model_output(model_output, x_t)
+        log_p = model_output if t == 0 else self._posterior(model_output, x_t, t, s)  # (B, K or K+1, P)
+        prev_sample = gumbel_noised(log_p, generator).argmax(dim=1)  # (B, P)
+        return VQDiffusionSchedulerOutput(prev_sample) if return_dict else (prev_sample,)
+
+    # -- input checks -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_timestep(value: int | torch.Tensor, name: str) -> int:
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            return int(value.item())
+        if isinstance(value, Integral) and not isinstance(value, bool):
+            return int(value)
+        raise ValueError(f"{name} must be an integer or a one-element integer tensor, got {value!r}")
+
+    def _checked_train_timestep(self, value: int | torch.Tensor, name: str) -> int:
+        t = self._as_timestep(value, name)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"{name} must lie in [0, {self.num_train_timesteps - 1}] (num_train_timesteps="
+                             f"{self.num_train_timesteps}), got {t}")
+        return t
+
+    def _checked_tokens(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape (batch, pixels), "
+                             f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        if low < 0 or high > self.mask_class:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds token {bad}; tokens must lie in [0, {self.mask_class}] "
+                             f"(num_vec_classes={self.num_embed}, the last one is the mask)")
+        return tokens.long()
+
+    def _check_model_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> None:
+        expected = (x_t.shape[0], self.mask_class, x_t.shape[1])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}; expected (batch, num_vec_classes - 1,"
+                             f" pixels) = {expected} to match the tokens of shape {tuple(x_t.shape)}")
