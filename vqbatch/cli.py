@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
@@ -43,7 +44,127 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-COMMANDS = [add_tiny_model_command, add_eval_command]
+# ---------------------------------------------------------------- generate and demo (the batch engine)
+
+GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
+    ("--input", "input.paths", str, "prompt Parquet file, folder or glob, local or s3:// (repeat for several)"),
+    ("--output", "output.uri", str, "output folder or s3:// prefix"),
+    ("--model", "model.uri", str, "checkpoint folder, s3:// URI, hub id, or 'noop' (no model: data-plane runs)"),
+    ("--prompt-column", "input.prompt_column", str, "prompt column (default prompt)"),
+    ("--id-column", "input.id_column", str, "id column (default id)"),
+    ("--steps", "sampling.steps", int, "reverse-diffusion steps (default 100)"),
+    ("--guidance-scale", "sampling.guidance_scale", float, "classifier-free guidance scale (default 5.0)"),
+    ("--truncation-rate", "sampling.truncation_rate", float, "truncation rate in (0, 1] (default 1.0)"),
+    ("--images-per-prompt", "sampling.images_per_prompt", int, "images per prompt (default 1)"),
+    ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
+    ("--batch-size", "compute.batch_size", int, "images per actor call (default 8)"),
+    ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
+    ("--cpus-per-actor", "compute.cpus_per_actor", float, "CPUs per actor (default 1)"),
+    ("--dtype", "model.dtype", str, "float32, float16 or bfloat16 (default float32)"),
+    ("--image-format", "output.image_format", str, "png, jpeg or webp (default png)"),
+    ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
+    ("--rows-per-file", "output.rows_per_file", int, "rows per metadata Parquet file (default 1000)"),
+)
+
+
+def add_generate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="generate an image dataset from Parquet prompts on Ray")
+    parser.add_argument("--config", help="job YAML (sections input, model, sampling, compute, output, s3); "
+                                         "flags override it")
+    for flag, key, kind, text in GENERATE_FLAGS:
+        parser.add_argument(flag, dest=key, type=kind, help=text, metavar=flag[2:].upper().replace("-", "_"),
+                            action="append" if key == "input.paths" else None)
+    parser.add_argument("--num-actors", type=int, help="fixed actor pool size (sets min and max)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else a new local Ray; "
+                                              "'auto': a running cluster if any)")
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.config import load_job_config
+
+        overrides = {key: getattr(args, key) for _, key, _, _ in GENERATE_FLAGS}
+        overrides.update({"compute.min_actors": args.num_actors, "compute.max_actors": args.num_actors,
+                          "output.mode": "overwrite" if args.overwrite else None})
+        try:
+            config = load_job_config(args.config, overrides)
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        return run_and_report(config, args.ray_address)
+
+    parser.set_defaults(run=run)
+
+
+def add_demo_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="run the whole engine on the bundled prompts and default model")
+    parser.add_argument("--output", default="out/demo", help="output folder, replaced if it holds a dataset "
+                                                             "(default out/demo)")
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.config import JobConfig
+        from vqbatch.io.examples import EXAMPLE_PROMPTS
+
+        config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(default_model())},
+                           sampling={"images_per_prompt": 2}, compute={"batch_size": 8},
+                           output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
+        code = run_and_report(config, ray_address=None)
+        print(f"look at: {args.output}/images/ (PNG files), {args.output}/metadata/*.parquet (one row per image: "
+              f"id, prompt, seed, tokens, image path, status), {args.output}/manifest.json")
+        return code
+
+    parser.set_defaults(run=run)
+
+
+def default_model() -> Path:
+    """The demo's model: a tiny random checkpoint written once into the vqbatch cache."""
+    from vqbatch.hub import cache_root
+    from vqbatch.tiny import write_tiny_checkpoint
+
+    folder = cache_root() / "default-model" / "tiny-seed0"
+    if not (folder / "model_index.json").is_file():
+        write_tiny_checkpoint(folder, seed=0)
+    return folder
+
+
+def run_and_report(config, ray_address: str | None) -> int:
+    from vqbatch.engine import run_job
+
+    try:
+        summary = run_job(config, on_progress=ProgressLine(), ray_address=ray_address)
+    except (ValueError, FileNotFoundError) as error:  # what the user must fix: input, output, model location
+        return report_job_error(error)
+    print(file=sys.stderr)
+    rate = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
+    print(f"done: {summary.rows} images ({summary.ok} ok, {summary.errors} failed) in {summary.metadata_files} "
+          f"metadata files, {summary.seconds:.1f} s, {rate:.2f} images/s -> {summary.output_uri}")
+    return 0
+
+
+def report_job_error(error: Exception) -> int:
+    print(f"vqbatch: {error}", file=sys.stderr)
+    return 2
+
+
+class ProgressLine:
+    """Images done, images per second and ETA on one line of stderr, redrawn in place on a terminal."""
+
+    def __init__(self):
+        self.redraw = sys.stderr.isatty()
+
+    def __call__(self, progress) -> None:
+        eta = progress.eta_seconds
+        line = (f"{progress.images_done}/{progress.images_total} images "
+                f"({100 * progress.images_done / progress.images_total:.0f}%), "
+                f"{progress.images_per_second:.2f} images/s, ETA {'?' if eta is None else format_seconds(eta)}")
+        print(("\r" + line) if self.redraw else line, end="" if self.redraw else "\n", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+COMMANDS = [add_tiny_model_command, add_eval_command, add_generate_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

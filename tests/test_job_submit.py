@@ -1,0 +1,87 @@
+"""`ray job submit` of jobs/generate.py against a real `ray start --head` (with its job server) on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from vqbatch.config import OutputConfig, S3Config
+from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Kill this test's Ray processes only (`ray stop` would kill every Ray cluster on the machine)."""
+    marks = (temp_dir, f":{gcs_port}")
+    roots = [process for process in psutil.process_iter(["cmdline"])
+             if any(mark in part for part in process.info["cmdline"] or [] for mark in marks)]
+    family = {process.pid: process for root in roots for process in [root, *safe_children(root)]}
+    for process in family.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(family.values()), timeout=20)
+
+
+def safe_children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head node with the dashboard (the job server); its address and the environment to talk to it."""
+    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield f"http://127.0.0.1:{dashboard_port}", env
+    finally:
+        stop_cluster(temp_dir, gcs_port)
+
+
+def test_ray_job_submit_runs_generate_to_completion(ray_head, tmp_path):
+    address, env = ray_head
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "prompt": ["a red circle"] * 5 + [" "]}),
+                   tmp_path / "prompts.parquet")
+    output = tmp_path / "out"
+    job = {"input": {"paths": [str(tmp_path / "prompts.parquet")]}, "model": {"uri": "noop"},
+           "sampling": {"images_per_prompt": 2}, "output": {"uri": str(output), "rows_per_file": 4}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".",
+              "--runtime-env", "jobs/runtime_env.yaml", "--",
+              "python", "jobs/generate.py", "--config", str(tmp_path / "job.yaml"), "--batch-size", "3"]
+    result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "succeeded" in result.stdout and "done: 12 images (10 ok, 2 failed)" in result.stdout
+
+    location = OutputRoot.of(OutputConfig(uri=str(output)), S3Config())
+    assert read_manifest(location)["rows"] == 12
+    metadata = read_metadata(location)
+    keys = sorted(zip(metadata.column("id").to_pylist(), metadata.column("image_index").to_pylist()))
+    assert keys == sorted((f"r{i}", k) for i in range(6) for k in range(2))
+    assert all((output / path).is_file() for path in metadata.column("image").to_pylist() if path)

@@ -1,0 +1,216 @@
+"""The Ray Data job: read prompts -> expand to image rows -> sample on an actor pool -> write images and metadata.
+
+    read_parquet(input files)                          read tasks (CPU)
+      -> map_batches(expand_rows)                      one row per (prompt, image index), seed, row status
+      -> map_batches(SampleBatches, actor pool)        the model, loaded once per actor: tokens + pixels
+      -> map_batches(write_shard, rows_per_file)       CPU tasks: encode images, write files and one metadata file
+      -> driver: progress per metadata file, then the manifest and `_SUCCESS`
+
+This is the only module that talks to Ray Data. Everything a job needs is checked before Ray starts and before any
+model loads (`open_input`, `prepare_output`, `check_model_location`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from vqbatch.config import NOOP_MODEL, ComputeConfig, JobConfig, ModelConfig, SamplingConfig
+from vqbatch.hub import looks_like_hub_id
+from vqbatch.io.dataset import prepare_output, publish, sampled_table, write_shard
+from vqbatch.io.filesystems import is_s3
+from vqbatch.io.images import to_uint8
+from vqbatch.io.prompts import InputFiles, expand_rows, open_input
+
+NOOP_IMAGE_SIZE = 8  # the no-op model's images are NOOP_IMAGE_SIZE x NOOP_IMAGE_SIZE mid-grey squares
+NOOP_LATENT_PIXELS = 16  # and its tokens are this many zeros
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models an actor can hold: built by `build_model` from the model config
+# ---------------------------------------------------------------------------------------------------------------
+
+class PipelineModel:
+    """VQ-Diffusion: each image sampled with its own `torch.Generator().manual_seed(seed)`."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig):
+        import torch
+
+        from vqbatch.pipeline import VQDiffusionPipeline
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
+        self.pipe = VQDiffusionPipeline.from_pretrained(model.uri, torch_dtype=getattr(torch, model.dtype),
+                                                        device=device)
+        self.sampling = sampling
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (N, P) int and pixels (N, H, W, 3) uint8 of one image per (prompt, seed)."""
+        import torch
+
+        output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
+                           guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
+                           generator=[torch.Generator().manual_seed(seed) for seed in seeds], output_type="np")
+        return output.tokens.cpu().numpy(), to_uint8(output.images)
+
+
+class NoopModel:
+    """No model at all: zero tokens and a fixed tiny grey image per row, to measure the data plane alone."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig):
+        self.pixels = np.full((NOOP_IMAGE_SIZE, NOOP_IMAGE_SIZE, 3), 128, np.uint8)
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        count = len(prompts)
+        return np.zeros((count, NOOP_LATENT_PIXELS), np.int64), np.broadcast_to(self.pixels, (count, *self.pixels.shape))
+
+
+def build_model(model: ModelConfig, sampling: SamplingConfig) -> PipelineModel | NoopModel:
+    """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`."""
+    return NoopModel(model, sampling) if model.uri == NOOP_MODEL else PipelineModel(model, sampling)
+
+
+class SampleBatches:
+    """The actor: loads the model once, then samples whole batches of image rows; error rows pass through."""
+
+    def __init__(self, config: JobConfig):
+        self.model = build_model(config.model, config.sampling)
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        statuses, prompts, seeds = (rows.column(name).to_pylist() for name in ("status", "prompt", "seed"))
+        ok = [position for position, status in enumerate(statuses) if status == "ok"]
+        tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
+        if ok:
+            sampled_tokens, sampled_pixels = self.model.sample([prompts[i] for i in ok], [seeds[i] for i in ok])
+            for position, row_tokens, image in zip(ok, sampled_tokens, sampled_pixels):
+                tokens[position], pixels[position] = row_tokens.tolist(), image
+        return sampled_table(rows, tokens, pixels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    images_done: int
+    images_total: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.images_per_second
+        return (self.images_total - self.images_done) / rate if rate > 0 else None
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output_uri: str
+    rows: int
+    ok: int
+    errors: int
+    metadata_files: int
+    seconds: float
+    manifest: dict
+
+
+def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
+            ray_address: str | None = None) -> JobSummary:
+    """Check the input, output and model location, then run the whole job on Ray and publish the dataset."""
+    inputs = open_input(config.input, config.s3)
+    check_model_location(config.model)
+    output = prepare_output(config.output, config.s3)
+    connect_ray(ray_address)
+    started = time.monotonic()
+    images_total = inputs.num_rows * config.sampling.images_per_prompt
+    shards = []
+    for shard in build_dataset(config, inputs).iter_rows():
+        shards.append(shard)
+        if on_progress:
+            on_progress(Progress(sum(s["rows"] for s in shards), images_total, time.monotonic() - started))
+    manifest = publish(output, shards, inputs.uris, config)
+    return JobSummary(config.output.uri, manifest["rows"], manifest["ok"], manifest["errors"], len(shards),
+                      time.monotonic() - started, manifest)
+
+
+def build_dataset(config: JobConfig, inputs: InputFiles) -> ray.data.Dataset:
+    """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller reports progress per file
+    num_gpus, pool = actor_pool(config.compute)
+    return (
+        ray.data.read_parquet(list(inputs.paths), filesystem=inputs.filesystem, columns=inputs.columns(config.input))
+        .map_batches(expand_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling),
+                     batch_format="pyarrow", batch_size=None)
+        .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
+                     batch_size=config.compute.batch_size, batch_format="pyarrow",
+                     num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
+        .map_batches(write_shard_rows, fn_kwargs=dict(config=config),
+                     batch_size=config.output.rows_per_file, batch_format="pyarrow")
+    )
+
+
+def write_shard_rows(sampled: pa.Table, config: JobConfig) -> pa.Table:
+    return pa.Table.from_pylist([write_shard(sampled, config)])
+
+
+def actor_pool(compute: ComputeConfig) -> tuple[float, ray.data.ActorPoolStrategy]:
+    """GPUs per actor and the pool: one actor per GPU on GPU clusters; on CPU, leave one CPU for read/write tasks."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    gpus_per_actor = compute.gpus_per_actor if compute.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpus_per_actor:
+        if not gpus:
+            print(f"vqbatch: asking {gpus_per_actor} GPU per actor but the cluster has none yet; the job waits "
+                  "for GPU nodes (set compute.gpus_per_actor=0 to sample on CPU)", file=sys.stderr)
+        default_size = max(1, int(gpus // gpus_per_actor))
+    else:
+        default_size = max(1, int((cpus - 1) // compute.cpus_per_actor))
+        check_cpu_left(compute, compute.max_actors or default_size, cpus)
+    max_size = compute.max_actors or max(default_size, compute.min_actors)
+    return gpus_per_actor, ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=max_size)
+
+
+def check_cpu_left(compute: ComputeConfig, max_actors: int, cpus: float) -> None:
+    """A CPU actor pool holding every CPU starves the read and write tasks and the job never ends."""
+    if max_actors * compute.cpus_per_actor > cpus - 1:
+        raise ValueError(f"compute: max_actors={max_actors} x cpus_per_actor={compute.cpus_per_actor} CPU would take "
+                         f"every CPU of the cluster ({cpus:g}) and leave none for reading and writing; allowed: "
+                         f"max_actors x cpus_per_actor <= {cpus - 1:g}")
+
+
+def check_model_location(model: ModelConfig) -> None:
+    """A local checkpoint folder must exist before actors start; s3:// URIs and hub ids are fetched by the actors."""
+    if model.uri == NOOP_MODEL or is_s3(model.uri):
+        return
+    path = Path(model.uri).expanduser()
+    if not path.is_dir() and not (looks_like_hub_id(model.uri) and not path.exists()):
+        raise FileNotFoundError(f"model {model.uri!r} is not a checkpoint folder, an s3:// URI, a hub id "
+                                f"(owner/name) or {NOOP_MODEL!r}")
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS); "auto" finds a running one; otherwise start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", include_dashboard=False)
+        return
+    try:
+        ray.init(address=address)
+    except ConnectionError:
+        if address != "auto":
+            raise
+        ray.init(address="local", include_dashboard=False)
