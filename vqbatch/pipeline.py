@@ -1,0 +1,371 @@
+"""`VQDiffusionPipeline`: prompts -> CLIP text embeddings -> discrete diffusion over VQ tokens -> VQ-VAE images.
+
+Sampling follows VQ-Diffusion (Gu et al. 2022) with classifier-free guidance and truncation (Tang et al. 2022,
+Improved VQ-Diffusion). With the defaults it draws the same random numbers as diffusers' reference pipeline and
+returns the same tokens; the speed comes from work it does not repeat: text encoded once per distinct prompt,
+cross-attention keys and values computed once per call, one sort per truncation, no guidance pass when
+`guidance_scale <= 1`.
+
+The module also reads and writes whole checkpoints in the diffusers layout (`model_index.json` + one folder per
+component).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from vqbatch.configuration import DIFFUSERS_VERSION, read_json, write_json
+from vqbatch.hub import local_checkpoint
+from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
+from vqbatch.models.modeling import PretrainedModel
+from vqbatch.models.transformer import TextCache, VQDiffusionTransformer
+from vqbatch.models.vq_model import VQModel
+from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+LOG_ZERO_FLOOR = -70.0  # log-probabilities are clamped here so that log(0) = -inf never reaches the scheduler
+
+
+@dataclass
+class ImagePipelineOutput:
+    images: list[PIL.Image.Image] | np.ndarray | None  # None for output_type="latent"
+    tokens: torch.LongTensor  # (B, P) final VQ codebook indices, one row per image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling math
+# ---------------------------------------------------------------------------------------------------------------
+
+def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
+    """Keep, per latent pixel, the most likely classes whose probabilities before them sum to < truncation_rate.
+
+    The most likely class is always kept; every other class becomes log(0) = -inf. Input (B, K, P), unchanged.
+    """
+    return truncate_(log_p_x_0.clone(), truncation_rate)
+
+
+def truncate_(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
+    """In-place `truncate`: one descending sort, a cumulative sum, and the dropped set scattered back."""
+    sorted_log_p, order = log_p_x_0.sort(dim=1, descending=True)  # (B, K, P) each
+    mass_so_far = sorted_log_p.exp_().cumsum_(dim=1)  # mass of the k most likely classes, k = 1..K
+    dropped_sorted = torch.empty_like(mass_so_far, dtype=torch.bool)  # (B, K, P)
+    dropped_sorted[:, 0] = False
+    torch.ge(mass_so_far[:, :-1], truncation_rate, out=dropped_sorted[:, 1:])  # class k+1 dropped once mass >= rate
+    dropped = torch.empty_like(dropped_sorted).scatter_(1, order, dropped_sorted)  # back to class order
+    return log_p_x_0.masked_fill_(dropped, -torch.inf)
+
+
+def guide_(log_p_uncond: torch.Tensor, log_p_text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in log space, renormalised over classes; overwrites and returns `log_p_text`.
+
+    log p = log p(x0|0) + s (log p(x0|y) - log p(x0|0)), minus its log-sum-exp over the K classes.
+    """
+    guided = log_p_text.sub_(log_p_uncond).mul_(guidance_scale).add_(log_p_uncond)  # (B, K, P)
+    return guided.sub_(torch.logsumexp(guided, dim=1, keepdim=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text conditions
+# ---------------------------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIP's last hidden state of each prompt, each token vector scaled to unit L2 norm (as VQ-Diffusion does)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids  # (N, L)
+    hidden = text_encoder(ids.to(text_encoder.device))[0]  # (N, L, D)
+    return hidden / hidden.norm(dim=-1, keepdim=True)
+
+
+def distinct_prompt_rows(prompts: Sequence[str], num_images_per_prompt: int) -> tuple[list[str], torch.Tensor]:
+    """The distinct prompts in first-seen order, and for each image the row of its prompt among them."""
+    distinct = list(dict.fromkeys(prompts))
+    row_of = {prompt: row for row, prompt in enumerate(distinct)}
+    rows = torch.tensor([row_of[prompt] for prompt in prompts for _ in range(num_images_per_prompt)])  # (B,)
+    return distinct, rows
+
+
+def select_rows(text: TextCache, rows: torch.Tensor) -> TextCache:
+    """The cache of the text conditions `rows` (N,), each block's keys and values gathered along the batch."""
+    return TextCache(tuple((key.index_select(0, rows), value.index_select(0, rows))
+                           for key, value in text.keys_values))  # each (N, nh, T, hs)
+
+
+def fit_tokenizer_length(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> None:
+    """A tokenizer saved without `model_max_length` would pad to ~1e30 tokens: use the encoder's context length."""
+    context = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > context:
+        tokenizer.model_max_length = context
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------
+
+def to_numpy_images(decoded: torch.Tensor) -> np.ndarray:
+    """VQ-VAE output in [-1, 1], (B, C, H, W) -> float32 array in [0, 1], (B, H, W, C)."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil_images(images: np.ndarray) -> list[PIL.Image.Image]:
+    pixels = (images * 255).round().astype(np.uint8)  # (B, H, W, C)
+    return [PIL.Image.fromarray(image.squeeze(-1), mode="L") if image.shape[-1] == 1 else PIL.Image.fromarray(image)
+            for image in pixels]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+
+
+def check_call_arguments(prompts: list[str], num_images_per_prompt: int, output_type: str, callback_steps: int,
+                         generator: torch.Generator | list[torch.Generator] | None, batch_size: int) -> None:
+    if not prompts:
+        raise ValueError("prompt is an empty list; give at least one prompt")
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(f"prompt must be a string or a list of strings, got {[type(p).__name__ for p in prompts]}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+    check_output_type(output_type)
+    if not isinstance(callback_steps, int) or callback_steps <= 0:
+        raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"generator is a list of {len(generator)} generators but {batch_size} images are sampled "
+                         f"({len(prompts)} prompts x {num_images_per_prompt} per prompt); give one per image")
+
+
+def check_tokens(tokens: torch.Tensor, num_latent_pixels: int, num_classes: int, name: str,
+                 batch_size: int | None = None) -> None:
+    """Token grids are integer tensors (B, P) with every value in [0, num_classes)."""
+    expected = (batch_size if batch_size is not None else "B", num_latent_pixels)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of codebook indices, got dtype {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.shape[1] != num_latent_pixels or batch_size not in (None, tokens.shape[0]):
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}, expected {expected}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= num_classes):
+        raise ValueError(f"{name} values must lie in [0, {num_classes - 1}], got values from {int(tokens.min())} "
+                         f"to {int(tokens.max())}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+class VQDiffusionPipeline:
+    """Text-to-image with VQ-Diffusion: the diffusers `VQDiffusionPipeline` API, plus the sampled tokens."""
+
+    def __init__(self, vqvae: VQModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 transformer: VQDiffusionTransformer, scheduler: VQDiffusionScheduler,
+                 learned_classifier_free_sampling_embeddings: LearnedClassifierFreeSamplingEmbeddings):
+        fit_tokenizer_length(tokenizer, text_encoder)
+        self.vqvae = vqvae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.transformer = transformer.eval()
+        self.scheduler = scheduler
+        self.learned_classifier_free_sampling_embeddings = learned_classifier_free_sampling_embeddings.eval()
+
+    @property
+    def components(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in COMPONENT_CLASSES}
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "VQDiffusionPipeline":
+        """Move every model to `device` and/or cast it to `dtype` (either may be given alone, as with torch)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        for model in self.models():
+            model.to(device=device, dtype=dtype)
+        return self
+
+    def models(self) -> list[torch.nn.Module]:
+        return [self.vqvae, self.text_encoder, self.transformer, self.learned_classifier_free_sampling_embeddings]
+
+    # ----------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 100, guidance_scale: float = 5.0,
+                 truncation_rate: float = 1.0, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.LongTensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 callback: Callable[[int, int, torch.LongTensor], None] | None = None,
+                 callback_steps: int = 1, timestep_spacing: str = "reference") -> ImagePipelineOutput | tuple:
+        """Sample `num_images_per_prompt` images per prompt; images are ordered prompt by prompt.
+
+        `generator` is one generator for the whole batch (the reference's random stream) or one per image, so that
+        each image depends only on its own generator. `latents` (B, P) are the starting tokens (default: all
+        masked). `callback(step, timestep, tokens)` runs every `callback_steps` steps. `timestep_spacing`: "reference"
+        runs the last `num_inference_steps` steps of the chain (diffusers' behaviour), "skip" spreads fewer steps
+        over the whole chain (see `VQDiffusionScheduler.set_timesteps`).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch_size = len(prompts) * num_images_per_prompt
+        check_call_arguments(prompts, num_images_per_prompt, output_type, callback_steps, generator, batch_size)
+        guided = guidance_scale > 1.0
+        text = self.text_conditions(prompts, num_images_per_prompt, guided)  # 2B or B rows
+        sample = self.initial_tokens(latents, batch_size)  # (B, P)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, spacing=timestep_spacing)
+        for step, t in enumerate(self.scheduler.timesteps):
+            log_p_x_0 = self.predict_log_p_x_0(sample, text, t, guidance_scale if guided else None)
+            log_p_x_0 = truncate_(log_p_x_0, truncation_rate).clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
+            sample = self.scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator).prev_sample
+            if callback is not None and step % callback_steps == 0:
+                callback(step, t, sample)
+        images = None if output_type == "latent" else self.decode_tokens(sample, output_type)
+        tokens = sample.cpu()
+        return ImagePipelineOutput(images=images, tokens=tokens) if return_dict else (images, tokens)
+
+    def predict_log_p_x_0(self, sample: torch.LongTensor, text: TextCache, t: torch.Tensor,
+                          guidance_scale: float | None) -> torch.Tensor:
+        """log p(x_0 | x_t, y), guided when `guidance_scale` is given: one forward over the doubled batch."""
+        if guidance_scale is None:
+            return self.transformer(sample, timestep=t, text_cache=text)  # (B, K-1, P)
+        both = self.transformer(torch.cat([sample, sample]), timestep=t, text_cache=text)  # (2B, K-1, P)
+        log_p_uncond, log_p_text = both.chunk(2)
+        return guide_(log_p_uncond, log_p_text, guidance_scale)
+
+    def text_conditions(self, prompts: list[str], num_images_per_prompt: int, guided: bool) -> TextCache:
+        """Cross-attention keys and values per image (B rows; 2B with guidance, the unconditional rows first).
+
+        Each distinct prompt is encoded, and its keys and values computed, once; images share its rows.
+        """
+        distinct, rows = distinct_prompt_rows(prompts, num_images_per_prompt)  # U prompts, (B,) rows
+        text = encode_prompts(self.tokenizer, self.text_encoder, distinct).to(self.dtype)  # (U, L, D)
+        if guided:
+            text = torch.cat([self.unconditional_embedding().to(text), text])  # (1 + U, L, D)
+            rows = torch.cat([torch.zeros_like(rows), rows + 1])  # (2B,)
+        return select_rows(self.transformer.precompute_text(text), rows.to(text.device))
+
+    def unconditional_embedding(self) -> torch.Tensor:
+        """The "no prompt" condition (1, L, D): the learned embeddings, or else the empty prompt's encoding."""
+        learned = self.learned_classifier_free_sampling_embeddings
+        if learned.learnable:
+            return learned.embeddings.unsqueeze(0)
+        return encode_prompts(self.tokenizer, self.text_encoder, [""])
+
+    def initial_tokens(self, latents: torch.LongTensor | None, batch_size: int) -> torch.LongTensor:
+        """The starting x_T (B, P): the given tokens after checks, or every latent pixel masked."""
+        shape = (batch_size, self.transformer.num_latent_pixels)
+        num_classes = self.transformer.num_vector_embeds  # codebook entries + the mask class (the last one)
+        if latents is None:
+            return torch.full(shape, num_classes - 1, dtype=torch.long, device=self.device)
+        check_tokens(latents, shape[1], num_classes, "latents", batch_size)
+        return latents.to(device=self.device, dtype=torch.long)
+
+    def truncate(self, log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
+        """See `truncate`: classes after the `truncation_rate` share of the mass get log-probability -inf."""
+        return truncate(log_p_x_0, truncation_rate)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.LongTensor, output_type: str = "pil") -> list[PIL.Image.Image] | np.ndarray:
+        """Images of the given codebook tokens (B, P): the images the call that sampled them returned."""
+        check_output_type(output_type)
+        if output_type == "latent":
+            raise ValueError("decode_tokens makes images: output_type must be 'pil' or 'np', got 'latent'")
+        height, width = self.transformer.height, self.transformer.width
+        check_tokens(tokens, height * width, self.vqvae.config.num_vq_embeddings, "tokens")
+        shape = (tokens.shape[0], height, width, self.vqvae.config.vq_embed_dim or self.vqvae.config.latent_channels)
+        z_q = self.vqvae.quantize.get_codebook_entry(tokens.to(self.vqvae.device), shape=shape)  # (B, D, h, w)
+        images = to_numpy_images(self.vqvae.decode(z_q, force_not_quantize=True).sample)  # (B, H, W, C)
+        return to_pil_images(images) if output_type == "pil" else images
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                        device: str | torch.device | None = None) -> "VQDiffusionPipeline":
+        """Load a diffusers-layout checkpoint (e.g. microsoft/vq-diffusion-ithq): local folder, s3:// URI or hub id.
+
+        `torch_dtype` casts the models' floating weights; `variant` picks `*.<variant>.safetensors` weight files.
+        """
+        folder = local_checkpoint(path)
+        index = read_json(folder / MODEL_INDEX_NAME)
+        components = {name: load_component(component_class(index, name), folder / name, torch_dtype, variant, device)
+                      for name in COMPONENT_CLASSES}
+        return cls(**components)
+
+    def save_pretrained(self, path: str | Path, variant: str | None = None) -> Path:
+        """Write the diffusers layout: `model_index.json` naming diffusers' classes, and one folder per component."""
+        folder = Path(path)
+        for name, component in self.components.items():
+            save_component(component, folder / name, variant)
+        index = {name: [COMPONENT_CLASSES[name][0], diffusers_class_name(component)]
+                 for name, component in self.components.items()}
+        write_json(folder / MODEL_INDEX_NAME, {"_class_name": PIPELINE_CLASS_NAME,
+                                               "_diffusers_version": DIFFUSERS_VERSION, **index})
+        return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint layout
+# ---------------------------------------------------------------------------------------------------------------
+
+MODEL_INDEX_NAME = "model_index.json"
+PIPELINE_CLASS_NAME = "VQDiffusionPipeline"
+
+# component folder -> (library written to model_index.json, {class name accepted in model_index.json: our class})
+COMPONENT_CLASSES: dict[str, tuple[str, dict[str, type]]] = {
+    "vqvae": ("diffusers", {"VQModel": VQModel}),
+    "text_encoder": ("transformers", {"CLIPTextModel": CLIPTextModel}),
+    "tokenizer": ("transformers", {"CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizer}),
+    "transformer": ("diffusers", {"Transformer2DModel": VQDiffusionTransformer,
+                                  "VQDiffusionTransformer": VQDiffusionTransformer}),
+    "scheduler": ("diffusers", {"VQDiffusionScheduler": VQDiffusionScheduler}),
+    "learned_classifier_free_sampling_embeddings": (
+        "diffusers", {"LearnedClassifierFreeSamplingEmbeddings": LearnedClassifierFreeSamplingEmbeddings}),
+}
+
+
+def component_class(index: dict, name: str) -> type:
+    """Our class for the component `name` of a `model_index.json`, which names it [library, class name]."""
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise ValueError(f"{MODEL_INDEX_NAME} must map {name!r} to [library, class name], got {entry!r}")
+    classes = COMPONENT_CLASSES[name][1]
+    if entry[1] not in classes:
+        raise ValueError(f"{MODEL_INDEX_NAME}: unknown class {entry[1]!r} for component {name!r}; "
+                         f"supported: {', '.join(classes)}")
+    return classes[entry[1]]
+
+
+def load_component(component: type, folder: Path, torch_dtype: torch.dtype | None, variant: str | None,
+                   device: str | torch.device | None):
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint has no component folder {folder}")
+    if issubclass(component, PretrainedModel):
+        return component.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, device=device)
+    if issubclass(component, CLIPTextModel):
+        model = component.from_pretrained(folder, dtype=torch_dtype, variant=variant, local_files_only=True)
+        return model.to(device) if device is not None else model
+    if issubclass(component, CLIPTokenizer):
+        return component.from_pretrained(folder, local_files_only=True)
+    return component.from_pretrained(folder)  # the scheduler: a config file only
+
+
+def save_component(component, folder: Path, variant: str | None) -> None:
+    if isinstance(component, (PretrainedModel, CLIPTextModel)):
+        component.save_pretrained(folder, variant=variant)
+    else:  # tokenizer and scheduler: no weights
+        component.save_pretrained(folder)
+
+
+def diffusers_class_name(component) -> str:
+    return getattr(component, "diffusers_name", type(component).__name__)
