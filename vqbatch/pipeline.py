@@ -294,13 +294,16 @@ class VQDiffusionPipeline:
                         device: str | torch.device | None = None) -> "VQDiffusionPipeline":
         """Load a diffusers-layout checkpoint (e.g. microsoft/vq-diffusion-ithq): local folder, s3:// URI or hub id.
 
-        `torch_dtype` casts the models' floating weights; `variant` picks `*.<variant>.safetensors` weight files.
+        Every model gets one dtype: `torch_dtype`, or else the dtype of the stored transformer weights. `variant`
+        picks `*.<variant>.safetensors` weight files.
         """
         folder = local_checkpoint(path)
         index = read_json(folder / MODEL_INDEX_NAME)
-        components = {name: load_component(component_class(index, name), folder / name, torch_dtype, variant, device)
-                      for name in COMPONENT_CLASSES}
-        return cls(**components)
+        classes = {name: component_class(index, name) for name in COMPONENT_CLASSES}
+        transformer = load_component(classes.pop("transformer"), folder / "transformer", torch_dtype, variant, device)
+        dtype = torch_dtype or transformer.dtype
+        return cls(transformer=transformer, **{name: load_component(component, folder / name, dtype, variant, device)
+                                                for name, component in classes.items()})
 
     def save_pretrained(self, path: str | Path, variant: str | None = None) -> Path:
         """Write the diffusers layout: `model_index.json` naming diffusers' classes, and one folder per component."""
@@ -353,11 +356,9 @@ def load_component(component: type, folder: Path, torch_dtype: torch.dtype | Non
     if issubclass(component, PretrainedModel):
         return component.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, device=device)
     if issubclass(component, CLIPTextModel):
-        model = component.from_pretrained(folder, dtype=torch_dtype, variant=variant, local_files_only=True)
+        model = component.from_pretrained(folder, dtype=torch_dtype, variant=variant)
         return model.to(device) if device is not None else model
-    if issubclass(component, CLIPTokenizer):
-        return component.from_pretrained(folder, local_files_only=True)
-    return component.from_pretrained(folder)  # the scheduler: a config file only
+    return component.from_pretrained(folder)  # tokenizer and scheduler: files only, no weights
 
 
 def save_component(component, folder: Path, variant: str | None) -> None:

@@ -123,7 +123,7 @@ def write_tokenizer_files(folder: str | Path, num_merges: int = NUM_MERGES) -> P
 def tiny_tokenizer() -> CLIPTokenizer:
     """The offline tokenizer, read back from its files the way a checkpoint's tokenizer is read."""
     with tempfile.TemporaryDirectory() as folder:
-        return CLIPTokenizer.from_pretrained(write_tokenizer_files(folder), local_files_only=True)
+        return CLIPTokenizer.from_pretrained(write_tokenizer_files(folder))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,5 +177,10 @@ def tiny_pipeline(seed: int = 0) -> VQDiffusionPipeline:
 
 
 def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline of `seed` to `path` in the diffusers layout and return the folder."""
-    return tiny_pipeline(seed).save_pretrained(path)
+    """Write the tiny pipeline of `seed` to `path` in the diffusers layout and return the folder.
+
+    The tokenizer folder also gets vocab.json and merges.txt, as published CLIP checkpoints have them.
+    """
+    folder = tiny_pipeline(seed).save_pretrained(path)
+    write_tokenizer_files(folder / "tokenizer")
+    return folder

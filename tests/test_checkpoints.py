@@ -1,0 +1,276 @@
+"""Whole checkpoints in the diffusers layout: diffusers -> vqbatch, vqbatch -> diffusers, strict errors, variants,
+s3:// against a local moto server, and hub ids without a network."""
+
+import json
+import socket
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from vq_reference import assert_same_generation, reference_components, reference_pipeline, run_ours, run_reference
+
+from vqbatch.pipeline import MODEL_INDEX_NAME, VQDiffusionPipeline
+from vqbatch.tiny import (CODEBOOK_SIZE, MAX_PROMPT_TOKENS, TEXT_WIDTH, TRANSFORMER_CONFIG, VQVAE_CONFIG,
+                          tiny_components, tiny_text_encoder, tiny_tokenizer, write_tiny_checkpoint)
+
+# model_index.json as microsoft/vq-diffusion-ithq publishes it (library names aside, which vqbatch does not read)
+ITHQ_MODEL_INDEX = {
+    "_class_name": "VQDiffusionPipeline",
+    "_diffusers_version": "0.11.0.dev0",
+    "learned_classifier_free_sampling_embeddings": ["diffusers", "LearnedClassifierFreeSamplingEmbeddings"],
+    "scheduler": ["diffusers", "VQDiffusionScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "transformer": ["diffusers", "Transformer2DModel"],
+    "vqvae": ["diffusers", "VQModel"],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def diffusers_components(seed):
+    """Random-weight diffusers components of the tiny sizes, built with diffusers' own classes."""
+    from diffusers import Transformer2DModel, VQDiffusionScheduler, VQModel
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import \
+        LearnedClassifierFreeSamplingEmbeddings
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unconditional = LearnedClassifierFreeSamplingEmbeddings(learnable=True, hidden_size=TEXT_WIDTH,
+                                                            length=MAX_PROMPT_TOKENS)
+    torch.nn.init.normal_(unconditional.embeddings, std=0.2)
+    return dict(vqvae=VQModel(**VQVAE_CONFIG).eval(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+                transformer=Transformer2DModel(**TRANSFORMER_CONFIG).eval(),
+                scheduler=VQDiffusionScheduler(num_vec_classes=CODEBOOK_SIZE + 1),
+                learned_classifier_free_sampling_embeddings=unconditional.eval())
+
+
+def assert_same_weights(ours: torch.nn.Module, theirs: torch.nn.Module):
+    our_state, their_state = ours.state_dict(), theirs.state_dict()
+    assert our_state.keys() == their_state.keys()
+    for key in our_state:
+        assert torch.equal(our_state[key], their_state[key]), key
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers <-> vqbatch
+
+
+def test_checkpoint_saved_by_diffusers_loads_and_generates_the_same(tmp_path):
+    components = diffusers_components(seed=1)
+    for name, component in components.items():
+        if name == "vqvae":
+            component.save_pretrained(tmp_path / name, safe_serialization=False)  # the older .bin weights
+        else:
+            component.save_pretrained(tmp_path / name)
+    (tmp_path / MODEL_INDEX_NAME).write_text(json.dumps(ITHQ_MODEL_INDEX))
+    assert (tmp_path / "vqvae" / "diffusion_pytorch_model.bin").is_file()
+
+    pipe = VQDiffusionPipeline.from_pretrained(tmp_path)
+    for name in ("vqvae", "transformer", "learned_classifier_free_sampling_embeddings", "text_encoder"):
+        assert_same_weights(getattr(pipe, name), components[name])
+    assert pipe.scheduler.config.num_vec_classes == CODEBOOK_SIZE + 1
+    options = dict(num_inference_steps=10, truncation_rate=0.86, num_images_per_prompt=2)
+    prompts = ["a red circle", "a blue star"]
+    assert_same_generation(run_ours(pipe, prompts, seed=0, **options),
+                           run_reference(reference_pipeline(components), prompts, seed=0, **options))
+
+
+def test_checkpoint_saved_by_vqbatch_loads_into_diffusers(tiny_checkpoint):
+    index = json.loads((tiny_checkpoint / MODEL_INDEX_NAME).read_text())
+    assert {name: entry[1] for name, entry in index.items() if not name.startswith("_")} == {
+        name: entry[1] for name, entry in ITHQ_MODEL_INDEX.items() if not name.startswith("_")}
+    theirs = reference_components(tiny_checkpoint)
+    ours = VQDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    for name in ("vqvae", "transformer", "learned_classifier_free_sampling_embeddings", "text_encoder"):
+        assert_same_weights(getattr(ours, name), theirs[name])
+    assert theirs["scheduler"].config.num_vec_classes == ours.scheduler.config.num_vec_classes
+    assert theirs["tokenizer"].model_max_length == MAX_PROMPT_TOKENS
+
+
+def test_save_then_load_round_trips(tmp_path):
+    pipe = VQDiffusionPipeline(**tiny_components(seed=4))
+    loaded = VQDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "saved"))
+    for ours, theirs in zip(pipe.models(), loaded.models()):
+        assert_same_weights(ours, theirs)
+    assert loaded.scheduler.config == pipe.scheduler.config
+    assert loaded.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict errors
+
+
+@pytest.fixture
+def copy_of_tiny(tiny_checkpoint, tmp_path):
+    for path in files_of(tiny_checkpoint):
+        target = tmp_path / path.relative_to(tiny_checkpoint)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def edit_model_index(folder, **entries):
+    path = folder / MODEL_INDEX_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
+def test_unknown_class_names_are_refused(copy_of_tiny):
+    edit_model_index(copy_of_tiny, transformer=["diffusers", "UNet2DConditionModel"])
+    with pytest.raises(ValueError, match="unknown class 'UNet2DConditionModel' for component 'transformer'; "
+                                         "supported: Transformer2DModel, VQDiffusionTransformer"):
+        VQDiffusionPipeline.from_pretrained(copy_of_tiny)
+
+
+def test_malformed_model_index_entries_are_refused(copy_of_tiny):
+    edit_model_index(copy_of_tiny, scheduler="VQDiffusionScheduler")
+    with pytest.raises(ValueError, match="must map 'scheduler' to \\[library, class name\\], got 'VQDiffusionScheduler'"):
+        VQDiffusionPipeline.from_pretrained(copy_of_tiny)
+
+
+@pytest.mark.parametrize("removed, error, message", [
+    (MODEL_INDEX_NAME, FileNotFoundError, "config file not found: .*model_index.json"),
+    ("vqvae", FileNotFoundError, "checkpoint has no component folder .*vqvae"),
+    ("transformer/diffusion_pytorch_model.safetensors", FileNotFoundError, "no weights in .*transformer"),
+    ("scheduler/scheduler_config.json", FileNotFoundError, "config file not found: .*scheduler_config.json"),
+])
+def test_missing_files_are_named(copy_of_tiny, removed, error, message):
+    target = copy_of_tiny / removed
+    if target.is_dir():
+        for path in files_of(target):
+            path.unlink()
+        target.rmdir()
+    else:
+        target.unlink()
+    with pytest.raises(error, match=message):
+        VQDiffusionPipeline.from_pretrained(copy_of_tiny)
+
+
+def test_wrongly_shaped_and_missing_weights_are_named(copy_of_tiny):
+    weights = copy_of_tiny / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["out.weight"] = torch.zeros(3, 3)
+    del state["norm_out.bias"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): norm_out.bias; wrongly shaped keys \(1\): "
+                                         r"out.weight: file \(3, 3\) vs model \(64, 32\)"):
+        VQDiffusionPipeline.from_pretrained(copy_of_tiny)
+
+
+def test_tokenizer_without_max_length_pads_to_the_text_encoder_context(copy_of_tiny):
+    config_path = copy_of_tiny / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["model_max_length"]
+    config_path.write_text(json.dumps(config))
+    pipe = VQDiffusionPipeline.from_pretrained(copy_of_tiny)
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == MAX_PROMPT_TOKENS
+    assert pipe("a red circle", num_inference_steps=2, output_type="latent").tokens.shape[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# variants and dtypes
+
+
+def test_fp16_variant_files(tmp_path):
+    pipe = VQDiffusionPipeline(**tiny_components(seed=2))
+    pipe.save_pretrained(tmp_path)
+    pipe.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (tmp_path / "text_encoder" / "model.fp16.safetensors").is_file()
+
+    half = VQDiffusionPipeline.from_pretrained(tmp_path, variant="fp16")
+    assert {model.dtype for model in half.models()} == {torch.float16}
+    for ours, theirs in zip(pipe.models(), half.models()):
+        assert_same_weights(ours, theirs)
+    upcast = VQDiffusionPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float32)
+    assert {model.dtype for model in upcast.models()} == {torch.float32}
+    full = VQDiffusionPipeline.from_pretrained(tmp_path)
+    assert {model.dtype for model in full.models()} == {torch.float32}
+    with pytest.raises(FileNotFoundError, match="expected diffusion_pytorch_model.bf16.safetensors"):
+        VQDiffusionPipeline.from_pretrained(tmp_path, variant="bf16")
+
+
+def test_torch_dtype_and_device(tiny_checkpoint):
+    pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.bfloat16, device="cpu")
+    assert {model.dtype for model in pipe.models()} == {torch.bfloat16}
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.bfloat16
+    images = pipe("a red circle", num_inference_steps=3, output_type="np").images
+    assert np.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where checkpoints come from
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch, tmp_path):
+    """A moto S3 server on loopback, the AWS_* variables pointing boto3 at it, and an empty checkpoint cache."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    server.stop()
+
+
+def test_s3_checkpoint_is_downloaded_once_and_loads(s3_endpoint, tiny_checkpoint):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="models")
+    for path in files_of(tiny_checkpoint):
+        client.upload_file(str(path), "models", f"tiny/seed0/{path.relative_to(tiny_checkpoint)}")
+
+    pipe = VQDiffusionPipeline.from_pretrained("s3://models/tiny/seed0")
+    local = VQDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    for ours, theirs in zip(pipe.models(), local.models()):
+        assert_same_weights(ours, theirs)
+
+    for key in [item["Key"] for item in client.list_objects_v2(Bucket="models")["Contents"]]:
+        client.delete_object(Bucket="models", Key=key)
+    again = VQDiffusionPipeline.from_pretrained("s3://models/tiny/seed0")  # from the cache: the bucket is empty now
+    assert_same_weights(again.transformer, local.transformer)
+    with pytest.raises(FileNotFoundError, match="no checkpoint files under s3://models/other"):
+        VQDiffusionPipeline.from_pretrained("s3://models/other")
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
+    monkeypatch.setenv("VQBATCH_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match="could not fetch 'vqbatch-tests/no-such-model' from the Hugging Face hub"):
+        VQDiffusionPipeline.from_pretrained("vqbatch-tests/no-such-model")
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        VQDiffusionPipeline.from_pretrained(tmp_path / "nowhere" / "at" / "all")
