@@ -91,6 +91,13 @@ def test_unreadable_empty_and_absent_inputs_are_job_errors(tmp_path):
         open_input(InputConfig(paths=[str(empty), "s3://bucket/x.parquet"]), NO_S3)
 
 
+def test_ids_must_be_strings_in_every_file_or_integers_in_every_file(tmp_path):
+    write_prompts(tmp_path / "a.parquet", id=[1], prompt=["p"])
+    write_prompts(tmp_path / "b.parquet", id=["2"], prompt=["q"])
+    with pytest.raises(ValueError, match="holds integers in .*a.parquet but strings in .*b.parquet"):
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+
+
 def test_a_seed_column_must_be_in_every_file_or_none(tmp_path):
     write_prompts(tmp_path / "a.parquet", id=["1"], prompt=["p"], seed=[5])
     write_prompts(tmp_path / "b.parquet", id=["2"], prompt=["q"])
@@ -125,9 +132,15 @@ def test_rows_without_a_seed_column_get_derived_seeds():
 
 
 def test_the_bundled_prompt_file_is_what_example_prompts_makes():
+    from vqbatch.train.detector import parse_caption
+
     bundled = pq.read_table(EXAMPLE_PROMPTS)
-    assert bundled.equals(example_prompts())
+    assert bundled.schema.equals(example_prompts().schema)
+    assert bundled.column("id").to_pylist() == example_prompts().column("id").to_pylist()
     assert bundled.num_rows >= 24 and len(set(bundled.column("id").to_pylist())) == bundled.num_rows
+    for row in bundled.to_pylist():  # the shapes captions follow the grammar `vqbatch eval` scores
+        if row["id"].startswith("shapes-"):
+            assert parse_caption(row["prompt"]).caption() == row["prompt"]
 
 
 # ---------------------------------------------------------------- images

@@ -56,6 +56,8 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--guidance-scale", "sampling.guidance_scale", float, "classifier-free guidance scale (default 5.0)"),
     ("--truncation-rate", "sampling.truncation_rate", float, "truncation rate in (0, 1] (default 1.0)"),
     ("--images-per-prompt", "sampling.images_per_prompt", int, "images per prompt (default 1)"),
+    ("--timestep-spacing", "sampling.timestep_spacing", str, "reference (diffusers' last N steps) or skip "
+                                                           "(fewer steps over the whole chain)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
     ("--batch-size", "compute.batch_size", int, "images per actor call (default 8)"),
     ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
@@ -65,6 +67,32 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
     ("--rows-per-file", "output.rows_per_file", int, "rows per metadata Parquet file (default 1000)"),
 )
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train the small default model on the procedural shapes dataset")
+    parser.add_argument("--output", required=True, help="folder for the checkpoint (diffusers layout) and train state")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and every training step (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue the run whose train state is in --output")
+    parser.add_argument("--vq-steps", type=int, help="VQ-VAE training steps (default: the config's)")
+    parser.add_argument("--diffusion-steps", type=int, help="diffusion training steps (default: the config's)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny config that trains in a minute (for tests)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights written")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a shared machine)")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from vqbatch.train.loop import SMOKE_CONFIG, TrainConfig, train
+
+        settings = {**(SMOKE_CONFIG if args.smoke else {}), "seed": args.seed}
+        settings.update({k: v for k, v in (("vq_steps", args.vq_steps), ("diffusion_steps", args.diffusion_steps))
+                         if v is not None})
+        train(args.output, TrainConfig(**settings), resume=args.resume, dtype=getattr(torch, args.dtype),
+              threads=args.threads)
+        return 0
+
+    parser.set_defaults(run=run)
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -164,7 +192,7 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-COMMANDS = [add_tiny_model_command, add_eval_command, add_generate_command, add_demo_command]
+COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

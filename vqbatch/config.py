@@ -53,6 +53,7 @@ class SamplingConfig(Section):
     guidance_scale: float = Field(5.0, ge=0)  # classifier-free guidance weight; <= 1 disables guidance
     truncation_rate: float = Field(1.0, gt=0, le=1)  # keep the most likely classes holding this probability mass
     images_per_prompt: int = Field(1, ge=1)
+    timestep_spacing: Literal["reference", "skip"] = "reference"  # skip: fewer steps spread over the whole chain
     base_seed: int = Field(0, ge=0, lt=2**63)  # seeds of rows without their own seed derive from it
 
 

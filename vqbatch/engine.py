@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ class PipelineModel:
 
         output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
                            guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
-                           generator=[torch.Generator().manual_seed(seed) for seed in seeds], output_type="np")
+                           timestep_spacing=self.sampling.timestep_spacing, output_type="np",
+                           generator=[torch.Generator().manual_seed(seed) for seed in seeds])
         return output.tokens.cpu().numpy(), to_uint8(output.images)
 
 
@@ -150,7 +152,7 @@ def build_dataset(config: JobConfig, inputs: InputFiles) -> ray.data.Dataset:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller reports progress per file
     num_gpus, pool = actor_pool(config.compute)
     return (
-        ray.data.read_parquet(list(inputs.paths), filesystem=inputs.filesystem, columns=inputs.columns(config.input))
+        read_prompts(inputs, config)
         .map_batches(expand_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling),
                      batch_format="pyarrow", batch_size=None)
         .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
@@ -159,6 +161,15 @@ def build_dataset(config: JobConfig, inputs: InputFiles) -> ray.data.Dataset:
         .map_batches(write_shard_rows, fn_kwargs=dict(config=config),
                      batch_size=config.output.rows_per_file, batch_format="pyarrow")
     )
+
+
+def read_prompts(inputs: InputFiles, config: JobConfig) -> ray.data.Dataset:
+    """Only the id, prompt and seed columns: `columns=` also keeps Ray's cross-file schema merge to those columns
+    (its suggested replacement, `.select_columns`, merges every column of every file and fails on unrelated ones)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`columns=` on `read_parquet` is deprecated", category=DeprecationWarning)
+        return ray.data.read_parquet(list(inputs.paths), filesystem=inputs.filesystem,
+                                     columns=inputs.columns(config.input))
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig) -> pa.Table:

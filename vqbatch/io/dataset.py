@@ -37,7 +37,7 @@ METADATA_DIR = "metadata"
 IMAGES_DIR = "images"
 TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
 
-# What the sampler hands to the writer: the image rows plus tokens and raw pixels (null on error rows).
+# What the sampler hands to the writer: the image rows plus tokens and raw (H, W, C) pixels (null on error rows).
 SAMPLED_SCHEMA = IMAGE_ROW_SCHEMA.append(pa.field("tokens", TOKENS_TYPE)) \
     .append(pa.field("pixels", pa.binary())).append(pa.field("height", pa.int32())).append(pa.field("width", pa.int32()))
 
@@ -48,7 +48,7 @@ METADATA_SCHEMA = pa.schema([
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int32()), ("width", pa.int32()),
     ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
-    ("truncation_rate", pa.float64()), ("image_format", pa.string()),
+    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("image_format", pa.string()),
 ])
 
 
@@ -89,7 +89,7 @@ def write_shard(sampled: pa.Table, config: JobConfig) -> dict:
 
 
 def write_image(output: OutputRoot, row: dict, settings: OutputConfig) -> str:
-    pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
+    pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], -1)  # (H, W, C)
     relative = image_path(row["id"], row["image_index"], settings.image_format)
     data = encode_image(pixels, settings.image_format, settings.image_quality)
     write_bytes_atomically(output.filesystem, output.path(relative), data)
@@ -99,7 +99,7 @@ def write_image(output: OutputRoot, row: dict, settings: OutputConfig) -> str:
 def metadata_table(sampled: pa.Table, image_paths: list[str | None], config: JobConfig) -> pa.Table:
     constants = {"model": config.model.uri, "steps": config.sampling.steps,
                  "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
-                 "image_format": config.output.image_format}
+                 "timestep_spacing": config.sampling.timestep_spacing, "image_format": config.output.image_format}
     columns = {name: sampled.column(name) for name in sampled.column_names if name in METADATA_SCHEMA.names}
     columns["image"] = pa.array(image_paths, pa.string())
     for name, value in constants.items():

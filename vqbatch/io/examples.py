@@ -35,7 +35,8 @@ def example_prompts() -> pa.Table:
     """Columns `id` (string) and `prompt` (string), one row per example prompt."""
     from vqbatch.train.shapes import ShapesDataset
 
-    shapes = ShapesDataset(NUM_SHAPES_PROMPTS, seed=SHAPES_SEED).captions(range(NUM_SHAPES_PROMPTS))
+    scenes = ShapesDataset(NUM_SHAPES_PROMPTS, seed=SHAPES_SEED)
+    shapes = [scenes[index].caption for index in range(NUM_SHAPES_PROMPTS)]
     ids = [f"shapes-{index:03d}" for index in range(len(shapes))] + \
           [f"free-{index:02d}" for index in range(len(FREE_FORM_PROMPTS))]
     return pa.table({"id": ids, "prompt": shapes + list(FREE_FORM_PROMPTS)})

@@ -16,8 +16,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:  # pixels: (H, W, 3) uint8
+def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:  # pixels: (H, W, 3 or 1) uint8
     buffer = io.BytesIO()
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels  # one channel: a grey image (H, W)
     options = {"optimize": False} if image_format == "png" else {"quality": quality}
     if image_format == "webp" and quality == 100:
         options = {"lossless": True}
@@ -25,7 +26,7 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes: 
     return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:  # (H, W, 3) uint8
+def decode_image(data: bytes) -> np.ndarray:  # (H, W, 3) uint8; grey images too
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 

@@ -59,6 +59,7 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
         num_rows += rows
     for path, schema in schemas.items():
         check_columns(schema, config, to_uri(filesystem, path))
+    check_id_kinds_agree(schemas, config, filesystem)
     if num_rows == 0:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
@@ -124,6 +125,15 @@ def check_columns(schema: pa.Schema, config: InputConfig, uri: str) -> None:
     if config.seed_column in schema.names and not pa.types.is_integer(schema.field(config.seed_column).type):
         raise ValueError(f"input file {uri}: seed column {config.seed_column!r} has type "
                          f"{schema.field(config.seed_column).type}; it must be an integer in [0, 2**63)")
+
+
+def check_id_kinds_agree(schemas: dict[str, pa.Schema], config: InputConfig, filesystem: pafs.FileSystem) -> None:
+    """Ray reads all files as one dataset, so the id column must be text in every file or integer in every file."""
+    integer_ids = {path: pa.types.is_integer(schema.field(config.id_column).type) for path, schema in schemas.items()}
+    if len(set(integer_ids.values())) > 1:
+        example = {is_integer: to_uri(filesystem, path) for path, is_integer in integer_ids.items()}
+        raise ValueError(f"id column {config.id_column!r} holds integers in {example[True]} but strings in "
+                         f"{example[False]}; give it the same type in every input file")
 
 
 def is_text(data_type: pa.DataType) -> bool:
