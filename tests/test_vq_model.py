@@ -310,6 +310,12 @@ def test_invalid_config_values_raise_value_error_naming_the_key(key, value):
             build()
 
 
+def test_decoding_indices_without_a_shape_is_an_error():
+    _, ours = twin_models(**PLAIN_BLOCKS, lookup_from_codebook=True)
+    with pytest.raises(ValueError, match="shape"):
+        ours.decode(torch.zeros(1, 16, dtype=torch.long), force_not_quantize=True)
+
+
 def test_spatial_norm_requires_latent_sized_codebook_vectors():
     with pytest.raises(ValueError, match="norm_type.*vq_embed_dim"):
         VQModel(**{**TINY, **PLAIN_BLOCKS, "norm_type": "spatial", "vq_embed_dim": 3})

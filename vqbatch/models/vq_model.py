@@ -228,11 +228,11 @@ class VQModel(PretrainedModel):
         super().__init__()
         arguments = locals()
         self.config = VQModelConfig.from_dict({name: arguments[name] for name in VQModelConfig.model_fields})
-        embed_dim = vq_embed_dim or latent_channels
+        embed_dim = self.config.vq_embed_dim or self.config.latent_channels
         self.encoder = Encoder(self.config)
-        self.quant_conv = nn.Conv2d(latent_channels, embed_dim, kernel_size=1)
-        self.quantize = VectorQuantizer(num_vq_embeddings, embed_dim, beta=0.25, legacy=True)
-        self.post_quant_conv = nn.Conv2d(embed_dim, latent_channels, kernel_size=1)
+        self.quant_conv = nn.Conv2d(self.config.latent_channels, embed_dim, kernel_size=1)
+        self.quantize = VectorQuantizer(self.config.num_vq_embeddings, embed_dim, beta=0.25, legacy=True)
+        self.post_quant_conv = nn.Conv2d(embed_dim, self.config.latent_channels, kernel_size=1)
         self.decoder = Decoder(self.config)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
@@ -251,6 +251,9 @@ class VQModel(PretrainedModel):
             quant, commit_loss, _ = self.quantize(h)
         else:
             lookup = self.config.lookup_from_codebook
+            if lookup and shape is None:
+                raise ValueError("decode(indices, force_not_quantize=True) with lookup_from_codebook needs "
+                                 "shape=(batch, height, width, channels) to arrange the indices")
             quant = self.quantize.get_codebook_entry(h, shape) if lookup else h  # (B, D, h, w)
             commit_loss = h.new_zeros(h.shape[0])  # (B,), in h's dtype, as diffusers returns it
         zq = quant if self.config.norm_type == "spatial" else None
