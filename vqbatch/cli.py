@@ -132,7 +132,7 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
         from vqbatch.io.examples import EXAMPLE_PROMPTS
 
         config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(default_model())},
-                           sampling={"images_per_prompt": 2}, compute={"batch_size": 8},
+                           compute={"batch_size": 8},
                            output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
         code = run_and_report(config, ray_address=None)
         print(f"look at: {args.output}/images/ (PNG files), {args.output}/metadata/*.parquet (one row per image: "
