@@ -139,6 +139,18 @@ def test_job_errors_come_before_any_output_or_model(tmp_path, make_input, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_an_actor_pool_taking_every_cpu_is_refused_before_the_output_is_cleared(tmp_path):
+    pq.write_table(pa.table({"id": ["1"], "prompt": ["p"]}), tmp_path / "a.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_SUCCESS").write_bytes(b"")  # a dataset that overwrite would replace
+    config = load_job_config(None, {"input.paths": str(tmp_path / "a.parquet"), "model.uri": "noop",
+                                    "output.uri": str(tmp_path / "out"), "output.mode": "overwrite",
+                                    "compute.max_actors": 2})
+    with pytest.raises(ValueError, match=r"max_actors=2 x cpus_per_actor=1.0 CPU would take every CPU .* <= 1"):
+        run_job(config)
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
+
+
 def test_a_missing_model_folder_is_a_job_error(tmp_path, capsys):
     pq.write_table(pa.table({"id": ["1"], "prompt": ["p"]}), tmp_path / "a.parquet")
     code = main(["generate", "--input", str(tmp_path / "a.parquet"), "--output", str(tmp_path / "out"),

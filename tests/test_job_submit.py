@@ -58,7 +58,8 @@ def ray_head(tmp_path_factory):
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
-        subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=180)
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"ray start failed (job submission needs ray[default]):\n{started.stderr[-3000:]}"
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         stop_cluster(temp_dir, gcs_port)

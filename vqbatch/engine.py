@@ -27,7 +27,7 @@ import ray.data
 
 from vqbatch.config import NOOP_MODEL, ComputeConfig, JobConfig, ModelConfig, SamplingConfig
 from vqbatch.hub import looks_like_hub_id
-from vqbatch.io.dataset import prepare_output, publish, sampled_table, write_shard
+from vqbatch.io.dataset import check_output, prepare_output, publish, sampled_table, write_shard
 from vqbatch.io.filesystems import is_s3
 from vqbatch.io.images import to_uint8
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
@@ -130,15 +130,20 @@ class JobSummary:
 
 def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
             ray_address: str | None = None) -> JobSummary:
-    """Check the input, output and model location, then run the whole job on Ray and publish the dataset."""
+    """Check the input, output and model location, then run the whole job on Ray and publish the dataset.
+
+    An output replaced by `output.mode=overwrite` is cleared only once Ray is up and the actor pool fits it.
+    """
     inputs = open_input(config.input, config.s3)
     check_model_location(config.model)
-    output = prepare_output(config.output, config.s3)
+    check_output(config.output, config.s3)
     connect_ray(ray_address)
+    num_gpus, pool = actor_pool(config.compute)
+    output = prepare_output(config.output, config.s3)
     started = time.monotonic()
     images_total = inputs.num_rows * config.sampling.images_per_prompt
     shards = []
-    for shard in build_dataset(config, inputs).iter_rows():
+    for shard in build_dataset(config, inputs, num_gpus, pool).iter_rows():
         shards.append(shard)
         if on_progress:
             on_progress(Progress(sum(s["rows"] for s in shards), images_total, time.monotonic() - started))
@@ -147,10 +152,10 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
                       time.monotonic() - started, manifest)
 
 
-def build_dataset(config: JobConfig, inputs: InputFiles) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
+                  pool: ray.data.ActorPoolStrategy) -> ray.data.Dataset:
     """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller reports progress per file
-    num_gpus, pool = actor_pool(config.compute)
     return (
         read_prompts(inputs, config)
         .map_batches(expand_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling),

@@ -120,20 +120,27 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
-    """Check that the output may be written: refuse to mix with an existing dataset unless mode is overwrite.
-
-    Overwrite deletes only what this layout writes (the manifest, the marker, metadata/ and images/).
-    """
+def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
+    """Refuse an output that already holds (part of) a dataset, unless mode is overwrite."""
     location = OutputRoot.of(output, s3)
-    existing = [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR)
-                if exists(location.filesystem, location.path(name))]
+    existing = dataset_parts(location)
     if existing and output.mode == "error":
         raise ValueError(f"output {output.uri} already holds a dataset ({', '.join(existing)}); choose an empty "
                          "output or set output.mode=overwrite (--overwrite) to replace it")
-    for name in existing:
+    return location
+
+
+def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
+    """`check_output`, then clear the output for overwrite: only what this layout writes is deleted."""
+    location = check_output(output, s3)
+    for name in dataset_parts(location):
         remove(location.filesystem, location.path(name))
     return location
+
+
+def dataset_parts(location: OutputRoot) -> list[str]:
+    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR)
+            if exists(location.filesystem, location.path(name))]
 
 
 def remove(filesystem: pafs.FileSystem, path: str) -> None:
