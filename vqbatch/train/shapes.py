@@ -133,9 +133,3 @@ class ShapesDataset:
         scene = random_scene(rng, self.two_object_fraction)
         offsets = rng.uniform(-self.jitter, self.jitter, size=(len(scene.shapes), 2))
         return ShapesSample(render(scene, self.image_size, offsets), scene.caption(), scene)
-
-    def images(self, indices) -> np.ndarray:
-        return np.stack([self[int(i)].image for i in indices])  # (N, H, W, 3) uint8
-
-    def captions(self, indices) -> list[str]:
-        return [self[int(i)].caption for i in indices]

@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import torch
+
+from vqbatch.pipeline import VQDiffusionPipeline
+from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
+from vqbatch.train.diffusion import Schedule, diffusion_loss, log_one_hot, log_posterior, q_sample
+from vqbatch.train.loop import SMOKE_CONFIG, STATE_NAME, TrainConfig, build_models, train, training_data
+from vqbatch.train.text import conditions
+from vqbatch.train.vqvae import images_to_tensor, vqvae_loss
+
+K, P = 11, 7  # codebook classes, latent pixels
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return Schedule.of(VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=20))
+
+
+def random_log_p_x_0(batch: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, K, P, generator=generator).mul(3).log_softmax(dim=1)  # (B, K, P)
+
+
+def test_posterior_matches_the_scheduler_for_every_timestep(schedule):
+    scheduler = VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=20)
+    generator = torch.Generator().manual_seed(0)
+    t = torch.arange(20)  # one sample per timestep, all in one batch
+    x_t = q_sample(torch.randint(0, K, (20, P), generator=generator), t, schedule, generator)
+    log_p_x_0 = random_log_p_x_0(20, generator)
+    ours = log_posterior(log_p_x_0, x_t, t, schedule)  # (20, K+1, P)
+    for row in range(20):
+        reference = scheduler.q_posterior(log_p_x_0[row:row + 1], x_t[row:row + 1], row)[0]
+        meaningful = reference > -50  # below that both are the log(0) floor (theirs -69.1, ours -70)
+        assert torch.equal(meaningful, ours[row] > -50)
+        torch.testing.assert_close(ours[row][meaningful], reference[meaningful], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours.exp().sum(dim=1), torch.ones(20, P), atol=1e-4)
+
+
+def test_forward_process_matches_the_cumulative_schedule(schedule):
+    generator = torch.Generator().manual_seed(1)
+    x_0 = torch.full((2, 100_000), 3)
+    t = torch.tensor([4, 15])
+    x_t = q_sample(x_0, t, schedule, generator)
+    for row in range(2):
+        masked = schedule.log_cumprod_ct[t[row]].exp().item()
+        kept = (schedule.log_cumprod_at[t[row]].exp() + schedule.log_cumprod_bt[t[row]].exp()).item()
+        assert (x_t[row] == K).float().mean().item() == pytest.approx(masked, abs=0.005)
+        assert (x_t[row] == 3).float().mean().item() == pytest.approx(kept, abs=0.005)
+
+
+def test_loss_vanishes_for_a_perfect_prediction_only(schedule):
+    generator = torch.Generator().manual_seed(2)
+    x_0 = torch.randint(0, K, (20, P), generator=generator)
+    t = torch.arange(20)
+    x_t = q_sample(x_0, t, schedule, generator)
+    perfect = diffusion_loss(log_one_hot(x_0, K), x_0, x_t, t, schedule, aux_weight=0.1)
+    guessing = diffusion_loss(random_log_p_x_0(20, generator), x_0, x_t, t, schedule, aux_weight=0.1)
+    assert perfect.total.item() < 1e-6 and perfect.x0.item() < 1e-6
+    assert guessing.total.item() > 0.1 and guessing.x0.item() > 1.0
+
+
+# ---------------------------------------------------------------- smoke training
+
+
+def fixed_batch_losses(models, config: TrainConfig, images, captions, tokens) -> tuple[float, float]:
+    """VQ-VAE reconstruction error and diffusion loss of fixed batches (same draws for any weights)."""
+    generator = torch.Generator().manual_seed(123)
+    rows = torch.arange(16) % len(captions)
+    t = torch.randint(0, config.num_timesteps, (16,), generator=generator)
+    x_0 = tokens[rows]
+    schedule = Schedule.of(models.scheduler)
+    x_t = q_sample(x_0, t, schedule, generator)
+    with torch.no_grad():
+        reconstruction = vqvae_loss(models.vqvae, images_to_tensor(images[rows])).reconstruction.item()
+        text = conditions(models.tokenizer, models.text_encoder, models.unconditional,
+                          [captions[i] for i in rows.tolist()], torch.zeros(16, dtype=torch.bool))
+        log_p_x_0 = models.transformer(x_t, text, t, log_softmax_dtype=torch.float32)
+        diffusion = diffusion_loss(log_p_x_0, x_0, x_t, t, schedule, config.aux_weight).total.item()
+    return reconstruction, diffusion
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smoke") / "model"
+    config = TrainConfig(**SMOKE_CONFIG)
+    records = []
+    train(folder, config, log=records.append)
+    return folder, config, records
+
+
+def test_smoke_training_lowers_the_loss_and_writes_a_loadable_checkpoint(smoke_run):
+    folder, config, records = smoke_run
+    assert records[-1]["stage"] == "done"
+    images, captions = training_data(config)
+    tokens = torch.load(folder / STATE_NAME, weights_only=False)["tokens"]  # (N, P) x_0 of the trained VQ-VAE
+    initial = build_models(config, captions)  # the weights training started from
+    pipe = VQDiffusionPipeline.from_pretrained(folder)
+    trained = build_models(config, captions)
+    trained.vqvae, trained.text_encoder, trained.transformer = pipe.vqvae, pipe.text_encoder, pipe.transformer
+    trained.unconditional = pipe.learned_classifier_free_sampling_embeddings
+    before = fixed_batch_losses(initial, config, images, captions, tokens)
+    after = fixed_batch_losses(trained, config, images, captions, tokens)
+    assert after[0] < 0.8 * before[0], (before, after)  # VQ-VAE reconstruction
+    assert after[1] < 0.9 * before[1], (before, after)  # diffusion loss
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = pipe(captions[:2], num_inference_steps=5, generator=generators, output_type="np")
+    assert out.images.shape == (2, config.image_size, config.image_size, 3)
+    assert out.tokens.max() < config.codebook_size  # no mask token left
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(smoke_run, tmp_path):
+    folder, config, _ = smoke_run
+
+    def crash_at_diffusion_step_20(record):
+        if record.get("stage") == "diffusion" and record.get("step") == 20:
+            raise KeyboardInterrupt  # the last checkpoint on disk is step 10
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", config, log=crash_at_diffusion_step_20)
+    with pytest.raises(ValueError, match="resume"):
+        train(tmp_path / "run", config, log=lambda record: None)
+    train(tmp_path / "run", config, resume=True, log=lambda record: None)
+    uninterrupted = VQDiffusionPipeline.from_pretrained(folder).transformer.state_dict()
+    resumed = VQDiffusionPipeline.from_pretrained(tmp_path / "run").transformer.state_dict()
+    assert all(torch.equal(uninterrupted[key], resumed[key]) for key in uninterrupted)
+    with pytest.raises(ValueError, match="different config"):
+        train(tmp_path / "run", config.model_copy(update={"seed": 1}), resume=True, log=lambda record: None)
+
+
+def test_train_command_writes_a_checkpoint(tmp_path, capsys):
+    from vqbatch.cli import main
+
+    assert main(["train", "--output", str(tmp_path / "cli"), "--smoke", "--vq-steps", "2",
+                 "--diffusion-steps", "2", "--dtype", "float16"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records[-1]["stage"] == "done"
+    pipe = VQDiffusionPipeline.from_pretrained(tmp_path / "cli")
+    assert pipe.transformer.dtype == torch.float16
