@@ -1,7 +1,6 @@
 """`ray job submit` of jobs/generate.py against a real `ray start --head` (with its job server) on loopback."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from test_io import free_port
 from vqbatch.config import OutputConfig, S3Config
 from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def stop_cluster(temp_dir: str, gcs_port: int) -> None:
