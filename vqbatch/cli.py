@@ -144,12 +144,20 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
 
 def default_model() -> Path:
     """The demo's model: a tiny random checkpoint written once into the vqbatch cache."""
+    import os
+    import shutil
+
     from vqbatch.hub import cache_root
     from vqbatch.tiny import write_tiny_checkpoint
 
     folder = cache_root() / "default-model" / "tiny-seed0"
-    if not (folder / "model_index.json").is_file():
-        write_tiny_checkpoint(folder, seed=0)
+    if not folder.is_dir():  # written aside, then renamed: an interrupted first run leaves no half checkpoint
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        write_tiny_checkpoint(partial, seed=0)
+        try:
+            partial.rename(folder)
+        except OSError:  # another first run renamed its copy first
+            shutil.rmtree(partial)
     return folder
 
 
