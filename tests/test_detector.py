@@ -102,3 +102,31 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     assert main(["eval", "--output", str(tmp_path / "out"), "--detector-check", "20"]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "100.0%" in printed and "detector accuracy on 20" in printed
+
+
+class RenderingPipeline:
+    """Stands in for VQDiffusionPipeline: 'samples' the exact render of each prompt, or of a fixed wrong scene."""
+
+    def __init__(self, wrong: bool = False):
+        self.wrong, self.calls = wrong, []
+
+    def __call__(self, prompts, generator, output_type, **sampling):
+        from types import SimpleNamespace
+
+        self.calls.append((len(prompts), len(generator), output_type, sampling))
+        scenes = [Scene((Shape("square", "green", "center", "large"),), "black") if self.wrong else parse_caption(p)
+                  for p in prompts]
+        return SimpleNamespace(images=np.stack([render(s, side=32) / 255.0 for s in scenes]))
+
+
+def test_generate_and_score_samples_every_prompt_once():
+    from vqbatch.train.adherence import evaluation_prompts, generate_and_score
+
+    prompts = evaluation_prompts(10, 5)
+    assert len(prompts) == 15 and sum(" and " in p for p in prompts) == 5
+    faithful = RenderingPipeline()
+    report = generate_and_score(faithful, prompts, batch_size=4, num_inference_steps=7)
+    assert report["one_object"]["n"] == 10 and report["two_object"]["n"] == 5 and report["overall"]["all"] == 1.0
+    assert [call[:3] for call in faithful.calls] == [(4, 4, "np")] * 3 + [(3, 3, "np")]
+    assert faithful.calls[0][3] == {"num_inference_steps": 7}
+    assert generate_and_score(RenderingPipeline(wrong=True), prompts)["overall"]["all"] < 0.2

@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 
 from vqbatch.config import S3Config
 from vqbatch.io.dataset import OutputRoot, read_metadata
 from vqbatch.io.filesystems import read_bytes, resolve
-from vqbatch.io.images import decode_image
+from vqbatch.io.images import decode_image, to_uint8
 from vqbatch.train.detector import parse_caption, score, summarize
+from vqbatch.train.shapes import ShapesDataset
+
+EVALUATION_SEED = 20240601  # prompts for evaluation come from a dataset seed training never uses
 
 
 def adherence_report(pairs: Iterable[tuple[np.ndarray, str]]) -> dict:
@@ -31,6 +35,27 @@ def adherence_report(pairs: Iterable[tuple[np.ndarray, str]]) -> dict:
     everything = groups["one_object"] + groups["two_object"]
     return {**{name: summarize(scores) for name, scores in groups.items()}, "overall": summarize(everything),
             "unscored_prompts": unscored}
+
+
+def evaluation_prompts(one_object: int, two_object: int, seed: int = EVALUATION_SEED) -> list[str]:
+    """`one_object` one-shape captions then `two_object` two-shape captions, drawn from the shapes grammar."""
+    singles = ShapesDataset(one_object, seed=seed, two_object_fraction=0.0) if one_object else []
+    pairs = ShapesDataset(two_object, seed=seed + 1, two_object_fraction=1.0) if two_object else []
+    return [sample.caption for sample in singles] + [sample.caption for sample in pairs]
+
+
+def generate_and_score(pipeline, prompts: list[str], *, batch_size: int = 16, seed: int = 0, **sampling) -> dict:
+    """Sample one image per prompt (image i from a generator seeded `seed + i`) and report its adherence.
+
+    `sampling` goes to the pipeline call (num_inference_steps, guidance_scale, truncation_rate, ...).
+    """
+    pairs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images = pipeline(chunk, generator=generators, output_type="np", **sampling).images  # (b, H, W, 3)
+        pairs.extend(zip(to_uint8(images), chunk))
+    return adherence_report(pairs)
 
 
 def evaluate_dataset(uri: str, s3: S3Config | None = None) -> dict:
