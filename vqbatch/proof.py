@@ -1,0 +1,324 @@
+"""Reruns and proof: read stored rows, regenerate them from their stored seeds and parameters, compare.
+
+    metadata rows (id, prompt, seed, model, steps, ...)      read from a published dataset
+      -> select (`--ids` or a `--where` filter)              rerun; verify draws a random sample instead
+      -> regenerate with the engine's own sampler            `PipelineModel`, one per (model, sampling) group
+      -> rerun: write a separate dataset                     `<output>/reruns/rerun-<digest of the rows>` by default
+         verify: compare tokens and images bit for bit       a `VerifyReport`
+
+Regeneration runs in this process, without Ray: it is meant for the few rows a user reruns or samples. It samples
+with the same `PipelineModel.sample` the engine's actors call, so a row regenerates exactly when sampling does
+not depend on which other rows shared its batch (see docs/reproducibility.md).
+
+An image matches when its stored file, decoded, has the same pixels as the regenerated image after the same
+encoding (`encode_image` with the stored format and the dataset's quality) and decoding. For PNG that is the
+8-bit pixels the sampler produced. File bytes are not compared: the same pixels may compress to other bytes
+under another zlib or JPEG/WebP encoder build.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import operator
+import posixpath
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
+from vqbatch.io.dataset import (OutputRoot, check_output, prepare_output, publish, read_manifest, read_metadata,
+                                rows_digest, sampled_table, write_shard)
+from vqbatch.io.filesystems import read_bytes, resolve, to_uri
+from vqbatch.io.images import decode_image, encode_image
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+
+RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
+PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing")  # one sampler each
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stored rows
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredDataset:
+    location: OutputRoot
+    manifest: dict
+    metadata: pa.Table  # METADATA_SCHEMA, every published row
+
+    @classmethod
+    def open(cls, uri: str, s3: S3Config) -> "StoredDataset":
+        location = OutputRoot(*resolve(uri, s3))
+        return cls(location, read_manifest(location), read_metadata(location))
+
+    @property
+    def metadata_uris(self) -> list[str]:
+        return [to_uri(self.location.filesystem, self.location.path(shard["file"]))
+                for shard in self.manifest["metadata_files"]]
+
+    def ok_rows(self) -> pa.Table:
+        return self.metadata.filter(pc.field("status") == "ok")
+
+
+def rows_with_ids(metadata: pa.Table, ids: list[str]) -> pa.Table:
+    """Every image row of each id in `ids`; an id the dataset lacks is a ValueError naming it."""
+    missing = sorted(set(ids) - set(metadata.column("id").to_pylist()))
+    if missing:
+        raise ValueError(f"ids not in the dataset: {', '.join(map(repr, missing[:10]))}; give ids from its "
+                         "`id` column")
+    return metadata.filter(pc.field("id").isin(ids))
+
+
+def rows_where(metadata: pa.Table, condition: str) -> pa.Table:
+    """The rows for which the Python-syntax `condition` over metadata columns holds (see `filter_expression`)."""
+    try:
+        return metadata.filter(filter_expression(condition, metadata.column_names))
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:  # e.g. a string column compared with 1
+        columns = ", ".join(f"{field.name} ({field.type})" for field in metadata.schema)
+        raise ValueError(f"--where {condition!r} compares a column with a value of another type ({error}); "
+                         f"columns: {columns}") from None
+
+
+def filter_expression(condition: str, columns: list[str]) -> pc.Expression:
+    """Parse e.g. `"image_index == 1 and id in ('a', 'b')"` into a pyarrow expression; nothing is evaluated.
+
+    Allowed: comparisons (==, !=, <, <=, >, >=, in, not in) of a column name with literals, joined by and/or/not.
+    """
+    try:
+        tree = ast.parse(condition.strip(), mode="eval").body
+    except SyntaxError as error:
+        raise ValueError(f"--where {condition!r} is not a valid filter ({error.msg}); write e.g. "
+                         "\"image_index == 0 and id in ('a', 'b')\"") from None
+    return expression_of(tree, condition, columns)
+
+
+COMPARISONS = {ast.Eq: "__eq__", ast.NotEq: "__ne__", ast.Lt: "__lt__", ast.LtE: "__le__", ast.Gt: "__gt__",
+               ast.GtE: "__ge__"}
+
+
+def expression_of(node: ast.AST, condition: str, columns: list[str]) -> pc.Expression:
+    if isinstance(node, ast.BoolOp):
+        parts = [expression_of(value, condition, columns) for value in node.values]
+        return functools.reduce(operator.and_ if isinstance(node.op, ast.And) else operator.or_, parts)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return ~expression_of(node.operand, condition, columns)
+    if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and len(node.ops) == 1:
+        return comparison(filter_column(node.left.id, columns), node.ops[0], node.comparators[0], condition)
+    raise ValueError(f"--where {condition!r}: cannot filter on {ast.unparse(node)!r}; allowed: a column compared "
+                     "with literals (==, !=, <, <=, >, >=, in, not in), joined by and/or/not")
+
+
+def filter_column(name: str, columns: list[str]) -> pc.Expression:
+    if name not in columns:
+        raise ValueError(f"--where: unknown column {name!r}; allowed: {', '.join(columns)}")
+    return pc.field(name)
+
+
+def comparison(column: pc.Expression, op: ast.cmpop, value: ast.AST, condition: str) -> pc.Expression:
+    try:
+        literal = ast.literal_eval(value)
+    except ValueError:
+        raise ValueError(f"--where {condition!r}: {ast.unparse(value)!r} is not a literal (a quoted string, "
+                         "a number, or a tuple of them)") from None
+    if isinstance(op, (ast.In, ast.NotIn)):
+        if not isinstance(literal, (tuple, list, set)):
+            raise ValueError(f"--where {condition!r}: `in` needs a tuple of literals, got {literal!r}")
+        member = column.isin(list(literal))
+        return member if isinstance(op, ast.In) else ~member
+    if type(op) not in COMPARISONS:
+        raise ValueError(f"--where {condition!r}: operator {type(op).__name__} is not allowed; allowed: "
+                         "==, !=, <, <=, >, >=, in, not in")
+    return getattr(column, COMPARISONS[type(op)])(literal)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regeneration
+# ---------------------------------------------------------------------------------------------------------------
+
+def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
+               device: str = "auto") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Tokens (P,) and pixels (H, W, 3) uint8 of each ok row of `rows`, in row order, from its stored seed.
+
+    Rows are grouped by their stored model and sampling parameters; each group loads the engine's sampler once
+    and samples its rows `batch_size` at a time.
+    """
+    assert set(rows.column("status").to_pylist()) <= {"ok"}, "only ok rows have a seed to regenerate from"
+    if batch_size < 1:
+        raise ValueError(f"batch size must be a positive number of images, got {batch_size}")
+    tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
+    prompts, seeds = rows.column("prompt").to_pylist(), rows.column("seed").to_pylist()
+    for (model, sampling), positions in parameter_groups(rows, manifest, device):
+        sampler = load_sampler(model, sampling)
+        for batch in chunks(positions, batch_size):
+            batch_tokens, batch_pixels = sampler.sample([prompts[i] for i in batch], [seeds[i] for i in batch])
+            for position, row_tokens, image in zip(batch, batch_tokens, batch_pixels):
+                tokens[position], pixels[position] = row_tokens, image
+    return tokens, pixels
+
+
+def parameter_groups(rows: pa.Table, manifest: dict,
+                     device: str) -> Iterator[tuple[tuple[ModelConfig, SamplingConfig], list[int]]]:
+    """(model, sampling) configs rebuilt from the stored columns, with the positions of the rows that used them."""
+    groups: dict[tuple, list[int]] = {}
+    for position, key in enumerate(zip(*(rows.column(name).to_pylist() for name in PARAMETER_COLUMNS))):
+        groups.setdefault(key, []).append(position)
+    for key, positions in groups.items():
+        stored = dict(zip(PARAMETER_COLUMNS, key))
+        model = ModelConfig(uri=stored.pop("model"), dtype=manifest["model"]["dtype"], device=device)
+        yield (model, SamplingConfig(**{**manifest["sampling"], **stored})), positions
+
+
+def load_sampler(model: ModelConfig, sampling: SamplingConfig):
+    from vqbatch.engine import build_model  # the engine's own sampler: the code path that made the dataset
+
+    return build_model(model, sampling)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rerun
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RerunSummary:
+    output_uri: str  # where the rerun dataset was written
+    rows: int  # rows regenerated
+    skipped: list[tuple[str, int]]  # (id, image_index) of selected error rows: they have no seed to rerun from
+
+
+def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = None, into: str | None = None,
+          batch_size: int = 8, overwrite: bool = False, s3: S3Config | None = None,
+          device: str = "auto") -> RerunSummary:
+    """Regenerate the rows of `ids` (every image of each) or those matching `where` into a separate dataset.
+
+    The rerun dataset has the source's layout; it goes to `into`, by default
+    `<output_uri>/reruns/rerun-<16 hex digits naming the selected (id, image_index) keys>`.
+    """
+    if (ids is None) == (where is None):
+        raise ValueError("give exactly one of ids or where to choose the rows to rerun")
+    s3 = s3 or S3Config()
+    source = StoredDataset.open(output_uri, s3)
+    selected = rows_with_ids(source.metadata, ids) if ids is not None else rows_where(source.metadata, where)
+    chosen = selected.filter(pc.field("status") == "ok")
+    if chosen.num_rows == 0:
+        raise ValueError(f"no ok rows to rerun: the selection holds {selected.num_rows} row(s), none with "
+                         "status 'ok'")
+    into = into or posixpath.join(output_uri.rstrip("/"), RERUNS_DIR, f"rerun-{rows_digest(chosen)}")
+    config = rerun_config(source, chosen, into, batch_size, overwrite, device)
+    check_output(config.output, s3)
+    tokens, pixels = regenerate(chosen, source.manifest, batch_size, device)
+    location = prepare_output(config.output, s3)
+    image_rows, per_file = chosen.select(IMAGE_ROW_SCHEMA.names), config.output.rows_per_file
+    shards = [write_shard(sampled_table(image_rows.slice(start, per_file),
+                                        [row.tolist() for row in tokens[start:start + per_file]],
+                                        pixels[start:start + per_file]), config)
+              for start in range(0, chosen.num_rows, per_file)]
+    publish(location, shards, source.metadata_uris, config)
+    skipped = selected.filter(pc.field("status") != "ok").select(["id", "image_index"]).to_pylist()
+    return RerunSummary(into, chosen.num_rows, [(row["id"], row["image_index"]) for row in skipped])
+
+
+def rerun_config(source: StoredDataset, chosen: pa.Table, into: str, batch_size: int, overwrite: bool,
+                 device: str) -> JobConfig:
+    """The job config a rerun writes with: the source's settings and the chosen rows' one parameter set."""
+    groups = list(parameter_groups(chosen, source.manifest, device))
+    if len(groups) > 1:
+        sets = "; ".join(f"{model.uri} {sampling.model_dump(include=set(PARAMETER_COLUMNS))}"
+                         for (model, sampling), _ in groups[:3])
+        raise ValueError(f"the chosen rows were made with {len(groups)} model/sampling settings ({sets}); rerun "
+                         "one setting at a time, e.g. --where \"steps == 100 and ...\"")
+    (model, sampling), _ = groups[0]
+    output = OutputConfig(**{**source.manifest["output"], "uri": into, "mode": "overwrite" if overwrite else "error"})
+    return JobConfig(input={"paths": source.metadata_uris}, model=model, sampling=sampling,
+                     compute={"batch_size": batch_size}, output=output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowCheck:
+    id: str
+    image_index: int
+    tokens_differing: int  # latent pixels whose stored and regenerated tokens differ
+    pixels_differing: int  # image pixels (H x W positions) that differ; every pixel when the sizes differ
+
+    @property
+    def matches(self) -> bool:
+        return self.tokens_differing == 0 and self.pixels_differing == 0
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    output_uri: str
+    rows_ok: int  # rows with status ok in the dataset: the population sampled from
+    checks: list[RowCheck]
+
+    @property
+    def tokens_matched(self) -> int:
+        return sum(check.tokens_differing == 0 for check in self.checks)
+
+    @property
+    def images_matched(self) -> int:
+        return sum(check.pixels_differing == 0 for check in self.checks)
+
+    @property
+    def mismatches(self) -> list[RowCheck]:
+        return [check for check in self.checks if not check.matches]
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+    def to_dict(self) -> dict:
+        return {"output": self.output_uri, "rows_ok": self.rows_ok, "rows_checked": len(self.checks),
+                "tokens_matched": self.tokens_matched, "images_matched": self.images_matched,
+                "passed": self.passed, "mismatches": [asdict(check) for check in self.mismatches]}
+
+
+def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3: S3Config | None = None,
+           device: str = "auto") -> VerifyReport:
+    """Regenerate `sample` random ok rows (all when fewer; the draw depends only on `seed`) and compare each one's
+    tokens and image with what the dataset stores, bit for bit."""
+    if sample < 1:
+        raise ValueError(f"sample must be a positive number of rows, got {sample}")
+    dataset = StoredDataset.open(output_uri, s3 or S3Config())
+    population = dataset.ok_rows()
+    drawn = sorted(random.Random(seed).sample(range(population.num_rows), min(sample, population.num_rows)))
+    rows = population.take(drawn)
+    tokens, pixels = regenerate(rows, dataset.manifest, batch_size, device)
+    quality = dataset.manifest["output"]["image_quality"]
+    checks = [check_row(dataset.location, row, row_tokens, image, quality)
+              for row, row_tokens, image in zip(rows.to_pylist(), tokens, pixels)]
+    return VerifyReport(output_uri, population.num_rows, checks)
+
+
+def check_row(location: OutputRoot, row: dict, tokens: np.ndarray, pixels: np.ndarray, quality: int) -> RowCheck:
+    stored_tokens = np.asarray(row["tokens"])  # (P,)
+    tokens_differing = (int(np.sum(stored_tokens != tokens)) if stored_tokens.shape == tokens.shape
+                        else max(stored_tokens.size, tokens.size))
+    stored_image = decode_image(read_bytes(location.filesystem, location.path(row["image"])))  # (H, W, 3)
+    regenerated = decode_image(encode_image(pixels, row["image_format"], quality))  # (H, W, 3)
+    pixels_differing = (int(np.any(stored_image != regenerated, axis=-1).sum())
+                        if stored_image.shape == regenerated.shape else stored_image.shape[0] * stored_image.shape[1])
+    return RowCheck(row["id"], row["image_index"], tokens_differing, pixels_differing)
+
+
+def format_report(report: VerifyReport) -> str:
+    checked = len(report.checks)
+    lines = [f"verified {checked} of {report.rows_ok} ok rows of {report.output_uri}: tokens {report.tokens_matched}"
+             f"/{checked} and images {report.images_matched}/{checked} match bit for bit"]
+    lines += [f"MISMATCH id={check.id!r} image_index={check.image_index}: {check.tokens_differing} token(s) and "
+              f"{check.pixels_differing} pixel(s) differ" for check in report.mismatches]
+    lines.append("PASSED" if report.passed else f"FAILED: {len(report.mismatches)} row(s) do not reproduce")
+    return "\n".join(lines)
