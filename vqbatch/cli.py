@@ -200,7 +200,80 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_demo_command]
+# ---------------------------------------------------------------- rerun and verify (proof of stored rows)
+
+def add_rerun_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("rerun", help="regenerate chosen rows of a dataset from their stored seeds and "
+                                               "parameters into a separate dataset")
+    parser.add_argument("--output", required=True, help="the dataset's output folder or s3:// prefix")
+    choice = parser.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--ids", nargs="+", metavar="ID", help="rerun every image of these ids")
+    choice.add_argument("--where", metavar="FILTER", help="rerun the rows matching a filter over metadata columns, "
+                                                          "e.g. \"image_index == 0 and id in ('a', 'b')\"")
+    parser.add_argument("--into", metavar="URI", help="where to write the rerun (default: "
+                                                      "<output>/reruns/rerun-<digest of the chosen rows>)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at the rerun folder")
+    add_threads_flag(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.proof import rerun
+
+        try:
+            use_threads(args.threads)
+            summary = rerun(args.output, ids=args.ids, where=args.where, into=args.into, batch_size=args.batch_size,
+                            overwrite=args.overwrite)
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        skipped = f"; skipped {len(summary.skipped)} error row(s) without a seed" if summary.skipped else ""
+        print(f"reran {summary.rows} image(s) -> {summary.output_uri}{skipped}")
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+def add_verify_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("verify", help="regenerate random rows of a dataset and check that tokens and "
+                                                "images match bit for bit (exit 1 on any mismatch)")
+    parser.add_argument("--output", required=True, help="the dataset's output folder or s3:// prefix")
+    parser.add_argument("--sample", type=int, required=True, metavar="N", help="rows to regenerate (all if fewer)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of rows (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_threads_flag(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from vqbatch.proof import format_report, verify
+
+        try:
+            use_threads(args.threads)
+            report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size)
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+        return 0 if report.passed else 1
+
+    parser.set_defaults(run=run)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; the same count as the actors "
+                                                               "had for bit-exact CPU images (default 1, like "
+                                                               "actors with one CPU)")
+
+
+def use_threads(threads: int) -> None:
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    torch.set_num_threads(threads)
+
+
+COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_demo_command,
+            add_rerun_command, add_verify_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
