@@ -1,0 +1,102 @@
+"""`dataplane`: the whole Ray Data job with the no-op model (`model.uri = "noop"`) over 10k, 100k and 1M prompts.
+
+The no-op model returns a fixed tiny image per row, so the job measures the data plane alone: reading prompts,
+expanding rows and deriving seeds, moving batches through the actor, encoding and writing one PNG per row and one
+metadata file per `rows_per_file` rows, and publishing the manifest. The prompts are generated on the fly as Parquet
+files of `ROWS_PER_INPUT_FILE` rows (a sharded input, as a real prompt set is). Each prompt count runs on a fresh
+local Ray started by the engine itself; peak resident memory of the driver and of the Ray workers is sampled
+throughout (`benchmarks.memory`). Memory is flat when the peaks at 1M prompts match those at 10k.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from benchmarks.memory import PeakMemory
+from benchmarks.report import Report, machine
+from vqbatch.config import NOOP_MODEL, JobConfig, validate_job_config
+from vqbatch.engine import run_job
+
+ROWS_PER_INPUT_FILE = 10_000
+PROMPT_WORDS = ("red", "green", "blue", "circle", "square", "triangle", "small", "large", "left", "right")
+
+
+@dataclass(frozen=True)
+class Settings:
+    row_counts: tuple[int, ...]
+    batch: int
+    rows_per_file: int
+
+
+def prompt_of(index: int) -> str:
+    """A short distinct prompt: words picked by the digits of `index`."""
+    return " ".join(PROMPT_WORDS[int(digit)] for digit in f"{index:07d}")
+
+
+def write_prompt_files(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for start in range(0, count, ROWS_PER_INPUT_FILE):
+        indices = range(start, min(start + ROWS_PER_INPUT_FILE, count))
+        pq.write_table(pa.table({"id": [f"row-{i:07d}" for i in indices], "prompt": [prompt_of(i) for i in indices]}),
+                       folder / f"part-{start // ROWS_PER_INPUT_FILE:05d}.parquet")
+    return folder
+
+
+def job_config(settings: Settings, prompts: Path, output: Path) -> JobConfig:
+    return validate_job_config({
+        "input": {"paths": [str(prompts)]},
+        "model": {"uri": NOOP_MODEL},
+        "compute": {"batch_size": settings.batch},
+        "output": {"uri": str(output), "rows_per_file": settings.rows_per_file},
+    })
+
+
+def measure(settings: Settings, count: int, scratch: Path) -> dict:
+    prompts = write_prompt_files(scratch / f"prompts-{count}", count)
+    output = scratch / f"out-{count}"
+    try:
+        with PeakMemory() as memory:
+            summary = run_job(job_config(settings, prompts, output))
+        ray.shutdown()
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(prompts, ignore_errors=True)
+    if summary.ok != count:
+        raise RuntimeError(f"the no-op job wrote {summary.ok} images for {count} prompts")
+    peaks = memory.peaks
+    return {"prompts": count, "seconds": summary.seconds, "rows_per_s": count / summary.seconds,
+            "metadata_files": summary.metadata_files, "driver_peak_mib": peaks.driver_mib,
+            "largest_worker_peak_mib": peaks.largest_worker_mib, "workers_peak_mib": peaks.workers_total_mib,
+            "tree_peak_mib": peaks.tree_total_mib, "worker_processes": peaks.workers_seen}
+
+
+def run(settings: Settings) -> Report:
+    report = Report("dataplane", asdict(settings), machine("cpu"), columns=[
+        "prompts", "seconds", "rows_per_s", "driver_peak_mib", "largest_worker_peak_mib", "workers_peak_mib",
+        "tree_peak_mib", "worker_processes"])
+    with tempfile.TemporaryDirectory(prefix="vqbatch-dataplane-") as scratch:
+        for count in settings.row_counts:
+            report.rows.append(measure(settings, count, Path(scratch)))
+            print(report.rows[-1], flush=True)
+    first, last = report.rows[0], report.rows[-1]
+    report.summary = {
+        "min_rows_per_s": min(row["rows_per_s"] for row in report.rows),
+        "driver_peak_growth": last["driver_peak_mib"] / first["driver_peak_mib"],
+        "largest_worker_peak_growth": last["largest_worker_peak_mib"] / first["largest_worker_peak_mib"],
+    }
+    report.notes += [
+        f"no-op model ({NOOP_MODEL!r}): 8x8 grey PNG per row; one image per prompt; {settings.batch} rows per actor "
+        f"call; {settings.rows_per_file} rows per metadata file; input written as {ROWS_PER_INPUT_FILE}-row "
+        "Parquet files; output on the local disk; the engine's default compute (a fresh local Ray per run).",
+        "rows_per_s = prompts / job seconds (Ray already started; actor start, reading, writing and the manifest "
+        "included). Memory: peak resident set sampled every 0.25 s; workers_peak_mib sums all Ray worker "
+        "processes (shared object-store pages count once per process that touched them).",
+    ]
+    return report

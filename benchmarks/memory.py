@@ -1,0 +1,82 @@
+"""Peak resident memory of this process and of every process it started (a local Ray's raylet and workers).
+
+A background thread samples the process tree with psutil every `interval` seconds. Ray's worker processes name
+themselves `ray::<task or actor>`; the other children (raylet, GCS, agents) are Ray's own services.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+MIB = 2**20
+
+
+@dataclass
+class Peaks:
+    driver_mib: float = 0.0  # this process
+    largest_worker_mib: float = 0.0  # the largest single Ray worker process
+    workers_total_mib: float = 0.0  # all Ray worker processes together
+    tree_total_mib: float = 0.0  # this process and every descendant (shared pages counted once per process)
+    workers_seen: int = 0  # distinct worker processes sampled
+
+
+def resident_mib(process: psutil.Process) -> float | None:
+    try:
+        return process.memory_info().rss / MIB
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
+        return None
+
+
+def is_worker(process: psutil.Process) -> bool:
+    try:
+        return process.name().startswith("ray::") or any(part.startswith("ray::") for part in process.cmdline()[:1])
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class PeakMemory:
+    """`with PeakMemory() as memory: ...`, then `memory.peaks`."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.peaks = Peaks()
+        self.driver = psutil.Process()
+        self.workers: set[int] = set()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sample()
+
+    def sample_until_stopped(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        driver = resident_mib(self.driver) or 0.0
+        workers, others = [], []
+        for child in self.driver.children(recursive=True):
+            size = resident_mib(child)
+            if size is None:
+                continue
+            if is_worker(child):
+                workers.append(size)
+                self.workers.add(child.pid)
+            else:
+                others.append(size)
+        p = self.peaks
+        p.driver_mib = max(p.driver_mib, driver)
+        p.largest_worker_mib = max(p.largest_worker_mib, max(workers, default=0.0))
+        p.workers_total_mib = max(p.workers_total_mib, sum(workers))
+        p.tree_total_mib = max(p.tree_total_mib, driver + sum(workers) + sum(others))
+        p.workers_seen = len(self.workers)

@@ -1,0 +1,131 @@
+"""`model`: images/s of vqbatch's `VQDiffusionPipeline` against diffusers' at the same settings, same tokens.
+
+Both pipelines hold the same random weights, get the same prompts and one `torch.Generator` seeded alike (the
+reference's random stream), and run the same number of steps with classifier-free guidance and truncation. Each
+batch size gets one untimed warm-up call per pipeline, then `repeats` timed calls, reference and vqbatch taking
+turns so that a change in the machine's load hits both alike. The reference does not return its tokens: a step
+callback keeps the last sample, which is the reference's final token grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.pipelines import (SIZES, ModelSize, Sampling, distinct_prompts, pipeline_pair, reference_tokens,
+                                  transformer_parameters, vqbatch_tokens)
+from benchmarks.report import Report, machine, median, timing_of
+from vqbatch.tiny import MAX_PROMPT_TOKENS
+
+WARMUP_STEPS = 2  # the warm-up call runs the same batch through this many steps (t = 1 and the t = 0 shortcut)
+
+# Dense half-precision tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the FLOP utilisation estimate.
+PEAK_HALF_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: str
+    steps: int
+    guidance_scale: float
+    truncation_rate: float
+    batch_sizes: tuple[int, ...]
+    repeats: int
+    device: str
+    dtype: str
+    seed: int
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.guidance_scale, self.truncation_rate, self.seed, self.device)
+
+
+def transformer_flops_per_image_step(size: ModelSize, guided: bool) -> float:
+    """Multiply-adds x 2 of one transformer forward for one image: the blocks' matmuls, attention, the output layer.
+
+    Per latent token and block: q, k, v, out of self-attention (4 D^2), q and out of cross-attention (2 D^2), the
+    4x feed-forward (8 D^2), attention scores and sums over L tokens (2 L D) and T text tokens (2 T D). The text's
+    keys and values are left out (once per prompt in vqbatch). Guidance doubles the batch.
+    """
+    t = size.transformer
+    width = t["num_attention_heads"] * t["attention_head_dim"]
+    tokens = t["sample_size"] ** 2
+    text_tokens = MAX_PROMPT_TOKENS
+    per_token_block = 14 * width ** 2 + 2 * tokens * width + 2 * text_tokens * width
+    per_token = t["num_layers"] * per_token_block + width * (t["num_vector_embeds"] - 1)
+    return 2.0 * per_token * tokens * (2 if guided else 1)
+
+
+def peak_tflops(device: str, dtype: torch.dtype) -> float | None:
+    """The device's dense half-precision peak, or None on CPU, in float32, or for an unknown GPU."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_HALF_TFLOPS.items() if key in name), None)
+
+
+def measure_batch(ours, reference, batch: int, settings: Settings) -> dict:
+    prompts, sampling = distinct_prompts(batch), settings.sampling
+    reference_tokens(reference, prompts, WARMUP_STEPS, sampling)
+    vqbatch_tokens(ours, prompts, WARMUP_STEPS, sampling)
+    reference_times, vqbatch_times, same = [], [], True
+    for _ in range(settings.repeats):
+        timing, theirs = timing_of(lambda: reference_tokens(reference, prompts, settings.steps, sampling),
+                                   settings.device)
+        reference_times.append(timing)
+        timing, mine = timing_of(lambda: vqbatch_tokens(ours, prompts, settings.steps, sampling), settings.device)
+        vqbatch_times.append(timing)
+        same = same and torch.equal(theirs, mine)
+    reference_s, vqbatch_s = median([t.wall_s for t in reference_times]), median([t.wall_s for t in vqbatch_times])
+    reference_cpu_s = median([t.cpu_s for t in reference_times])
+    vqbatch_cpu_s = median([t.cpu_s for t in vqbatch_times])
+    return {"batch": batch, "steps": settings.steps, "reference_s": reference_s, "vqbatch_s": vqbatch_s,
+            "reference_images_per_s": batch / reference_s, "vqbatch_images_per_s": batch / vqbatch_s,
+            "speedup": reference_s / vqbatch_s, "speedup_cpu_time": reference_cpu_s / vqbatch_cpu_s,
+            "same_tokens": same, "reference_cpu_s": reference_cpu_s, "vqbatch_cpu_s": vqbatch_cpu_s,
+            "reference_times_s": [t.wall_s for t in reference_times],
+            "vqbatch_times_s": [t.wall_s for t in vqbatch_times]}
+
+
+def add_utilisation(row: dict, size: ModelSize, settings: Settings, peak: float | None) -> None:
+    flops_per_image = transformer_flops_per_image_step(size, settings.guidance_scale > 1) * settings.steps
+    for name in ("reference", "vqbatch"):
+        achieved_tflops = row[f"{name}_images_per_s"] * flops_per_image / 1e12
+        row[f"{name}_gflops"] = achieved_tflops * 1e3
+        if peak:
+            row[f"{name}_mfu"] = achieved_tflops / peak
+
+
+def run(settings: Settings) -> Report:
+    size = SIZES[settings.size]
+    dtype = getattr(torch, settings.dtype)
+    ours, reference = pipeline_pair(size, settings.device, dtype, settings.seed)
+    peak = peak_tflops(settings.device, dtype)
+    report = Report("model", asdict(settings), machine(settings.device), columns=[
+        "batch", "steps", "reference_images_per_s", "vqbatch_images_per_s", "speedup", "speedup_cpu_time",
+        "same_tokens", "reference_gflops", "vqbatch_gflops"] + (["reference_mfu", "vqbatch_mfu"] if peak else []))
+    for batch in settings.batch_sizes:
+        row = measure_batch(ours, reference, batch, settings)
+        add_utilisation(row, size, settings, peak)
+        report.rows.append(row)
+    report.summary = {
+        "transformer_parameters": transformer_parameters(size),
+        "transformer_gflop_per_image_step": transformer_flops_per_image_step(size, settings.guidance_scale > 1) / 1e9,
+        "peak_tflops": peak,
+        "min_speedup": min(row["speedup"] for row in report.rows),
+        "all_same_tokens": all(row["same_tokens"] for row in report.rows),
+    }
+    report.notes += [
+        f"config {size.name!r}: transformer {transformer_parameters(size) / 1e6:.1f} M parameters, "
+        f"{size.latent_side}x{size.latent_side} latents, {size.num_classes} classes; {settings.dtype} on "
+        f"{settings.device}; guidance {settings.guidance_scale}, truncation {settings.truncation_rate}, "
+        f"{settings.steps} steps; distinct prompts; median of {settings.repeats} timed call(s) after one warm-up.",
+        "speedup = vqbatch images/s / reference images/s (wall clock); speedup_cpu_time = the same ratio in CPU "
+        "seconds of this process (the work done, less sensitive to other load on a shared CPU; on a GPU it counts "
+        "only the host's share); same_tokens: both pipelines returned identical tokens.",
+        "GFLOP/s counts the transformer's matmul and attention work only"
+        + (f"; MFU against a {peak:g} TFLOP/s dense half-precision peak." if peak else "."),
+    ]
+    return report

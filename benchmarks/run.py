@@ -1,0 +1,133 @@
+"""Run one benchmark: `python -m benchmarks.run <model|sampler|engine|dataplane> [options]`.
+
+Each prints its results as JSON and as a markdown table and writes both to `--out` as `<name>-<config>.json|.md`.
+Defaults per `--config` keep the small runs to minutes on a 2-core CPU; see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+# Per model size: (steps of the model benchmark, its batch sizes, device, dtype, sampler batch)
+DEFAULTS = {
+    "tiny": dict(steps=4, batch_sizes=(1, 2), device="cpu", dtype="float32", sampler_batch=1),
+    "small": dict(steps=10, batch_sizes=(1, 4, 16), device="cpu", dtype="float32", sampler_batch=1),
+    "ithq": dict(steps=100, batch_sizes=(1, 4, 16), device="cuda", dtype="float16", sampler_batch=4),
+}
+DEFAULT_OUT = "benchmarks/results"
+
+
+def integers(text: str) -> tuple[int, ...]:
+    """"1,4,16" -> (1, 4, 16)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,4,16; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
+    return values
+
+
+def add_common(parser: argparse.ArgumentParser, sizes: bool = True) -> None:
+    if sizes:
+        parser.add_argument("--config", choices=sorted(DEFAULTS), default="small",
+                            help="model size: small (CPU, minutes), ithq (the full architecture; GPU), tiny (seconds)")
+        parser.add_argument("--device", help="cpu or cuda (default: the config's)")
+        parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                            help="weights and activations (default: the config's)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the sampling generator")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and markdown (default {DEFAULT_OUT})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+
+    model = benchmarks.add_parser("model", help="images/s of vqbatch vs the diffusers pipeline, same tokens")
+    add_common(model)
+    model.add_argument("--steps", type=int, help="diffusion steps (default: 10 for small, 100 for ithq)")
+    model.add_argument("--batch-sizes", type=integers, help="comma-separated (default 1,4,16)")
+    model.add_argument("--repeats", type=int, default=1, help="timed calls per batch size (median reported)")
+    model.add_argument("--guidance-scale", type=float, default=5.0)
+    model.add_argument("--truncation-rate", type=float, default=0.86)
+
+    sampler = benchmarks.add_parser("sampler", help="time against steps of the fewer-step sampler")
+    add_common(sampler)
+    sampler.add_argument("--step-counts", type=integers, default=(10, 25, 50, 100))
+    sampler.add_argument("--batch", type=int, help="images per call (default: 1 for small, 4 for ithq)")
+    sampler.add_argument("--guidance-scale", type=float, default=5.0)
+    sampler.add_argument("--truncation-rate", type=float, default=0.86)
+
+    engine = benchmarks.add_parser("engine", help="images/s of the Ray Data job vs a bare loop over the pipeline")
+    add_common(engine)
+    engine.add_argument("--images", type=int, default=48, help="prompts in the job (one image each)")
+    engine.add_argument("--steps", type=int, default=10)
+    engine.add_argument("--batch", type=int, default=8, help="images per actor call and per bare-loop call")
+
+    dataplane = benchmarks.add_parser("dataplane", help="rows/s and peak memory with the no-op model")
+    add_common(dataplane, sizes=False)
+    dataplane.add_argument("--rows", type=integers, default=(10_000, 100_000, 1_000_000),
+                           help="prompt counts, comma-separated (default 10000,100000,1000000)")
+    dataplane.add_argument("--batch", type=int, default=1000, help="rows per actor call")
+    dataplane.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notes on the reference
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report, stem = RUNNERS[args.benchmark](args)
+    report.write(args.out, stem)
+
+
+def run_model(args: argparse.Namespace):
+    from benchmarks import model
+
+    defaults = DEFAULTS[args.config]
+    settings = model.Settings(size=args.config, steps=args.steps or defaults["steps"],
+                              guidance_scale=args.guidance_scale, truncation_rate=args.truncation_rate,
+                              batch_sizes=args.batch_sizes or defaults["batch_sizes"], repeats=args.repeats,
+                              device=args.device or defaults["device"], dtype=args.dtype or defaults["dtype"],
+                              seed=args.seed)
+    return model.run(settings), f"model-{args.config}"
+
+
+def run_sampler(args: argparse.Namespace):
+    from benchmarks import sampler
+
+    defaults = DEFAULTS[args.config]
+    settings = sampler.Settings(size=args.config, step_counts=args.step_counts,
+                                batch=args.batch or defaults["sampler_batch"], guidance_scale=args.guidance_scale,
+                                truncation_rate=args.truncation_rate, device=args.device or defaults["device"],
+                                dtype=args.dtype or defaults["dtype"], seed=args.seed)
+    return sampler.run(settings), f"sampler-{args.config}"
+
+
+def run_engine(args: argparse.Namespace):
+    from benchmarks import engine
+
+    defaults = DEFAULTS[args.config]
+    settings = engine.Settings(size=args.config, images=args.images, steps=args.steps, batch=args.batch,
+                               device=args.device or defaults["device"], dtype=args.dtype or defaults["dtype"],
+                               seed=args.seed)
+    return engine.run(settings), f"engine-{args.config}"
+
+
+def run_dataplane(args: argparse.Namespace):
+    from benchmarks import dataplane
+
+    settings = dataplane.Settings(row_counts=args.rows, batch=args.batch, rows_per_file=args.rows_per_file)
+    return dataplane.run(settings), "dataplane"
+
+
+RUNNERS = {"model": run_model, "sampler": run_sampler, "engine": run_engine, "dataplane": run_dataplane}
+
+if __name__ == "__main__":
+    main()
