@@ -28,15 +28,16 @@ OK_ROWS = 8  # 4 sampled prompts x 2 images
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    """The same prompts generated twice by the engine: batch size 1 on one actor, batch size 4 on two actors."""
+    """The same prompts generated twice by the engine: batch size 1 on one actor, and batch size 4 on a pool of
+    two actors (Ray Data hands this small input to the pool as one block, so one actor may get all of it)."""
     folder = tmp_path_factory.mktemp("proof")
     model = str(write_tiny_checkpoint(folder / "tiny", seed=0))
     ids = [f"p{i}" for i in range(len(PROMPTS))]
-    for part, rows in enumerate((slice(0, 3), slice(3, None))):  # two files: one block for each of two actors
+    for part, rows in enumerate((slice(0, 3), slice(3, None))):  # two files: a block for each of two actors
         pq.write_table(pa.table({"id": ids[rows], "prompt": PROMPTS[rows]}), folder / f"in-{part}.parquet")
-    common = {"input.paths": [str(folder / "in-0.parquet"), str(folder / "in-1.parquet")], "model.uri": model, "sampling.steps": 3,
-              "sampling.guidance_scale": 3.0, "sampling.truncation_rate": 0.9, "sampling.images_per_prompt": 2,
-              "sampling.base_seed": 7, "output.rows_per_file": 3}
+    common = {"input.paths": [str(folder / "in-0.parquet"), str(folder / "in-1.parquet")], "model.uri": model,
+              "sampling.steps": 3, "sampling.guidance_scale": 3.0, "sampling.truncation_rate": 0.9,
+              "sampling.images_per_prompt": 2, "sampling.base_seed": 7, "output.rows_per_file": 3}
     runs = {"batch1": {"compute.batch_size": 1, "compute.max_actors": 1},
             "batch4_actors2": {"compute.batch_size": 4, "compute.min_actors": 2, "compute.max_actors": 2,
                                "compute.cpus_per_actor": 0.5}}

@@ -2,12 +2,12 @@
 
     metadata rows (id, prompt, seed, model, steps, ...)      read from a published dataset
       -> select (`--ids` or a `--where` filter)              rerun; verify draws a random sample instead
-      -> regenerate with the engine's own sampler            `PipelineModel`, one per (model, sampling) group
+      -> regenerate with the engine's own sampler            `engine.build_model`, one per (model, sampling) group
       -> rerun: write a separate dataset                     `<output>/reruns/rerun-<digest of the rows>` by default
          verify: compare tokens and images bit for bit       a `VerifyReport`
 
 Regeneration runs in this process, without Ray: it is meant for the few rows a user reruns or samples. It samples
-with the same `PipelineModel.sample` the engine's actors call, so a row regenerates exactly when sampling does
+with the same sampler the engine's actors call (`engine.build_model`), so a row regenerates exactly when sampling does
 not depend on which other rows shared its batch (see docs/reproducibility.md).
 
 An image matches when its stored file, decoded, has the same pixels as the regenerated image after the same
