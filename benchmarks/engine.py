@@ -4,8 +4,8 @@ The pipeline (the `--config` size, random weights) is saved as a checkpoint; the
 prompts, samples them on the actor pool, encodes PNGs and writes them with the metadata. The bare loop runs the
 actor's own model class (`vqbatch.engine.PipelineModel`) over the same prompts, seeds and batch size in this process,
 with no reading, encoding or writing. Efficiency = engine images/s / bare-loop images/s, both in steady state (the
-engine's rate between its first and last written file; the bare loop after one warm-up batch); the engine's
-end-to-end rate, actor start and model load included, is reported beside it.
+engine over the second half of its written files, the bare loop after its first batch); the end-to-end rates, model
+load included (and, for the engine, actor start and publishing), are reported beside them.
 
 On a CPU-only machine the job gets every core for sampling, as the bare loop does: Ray starts with one logical CPU
 more than the machine has, one actor holds all the physical cores (its torch threads), and the light read and write
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,37 +72,44 @@ def start_ray(device: str) -> float:
     return float(cores) if on_cpu else 1.0
 
 
-def steady_rate(progress: list[Progress]) -> float:
-    """Images/s between the first and the last written file (actor start and model load left out)."""
-    first, last = progress[0], progress[-1]
-    if last.seconds <= first.seconds:
-        return last.images_per_second
-    return (last.images_done - first.images_done) / (last.seconds - first.seconds)
+def steady_rate(progress: list[Progress]) -> float | None:
+    """Images/s over the second half of the written files: start-up (actor start, model load, the writer's first
+    task) is behind by then. None when the job wrote fewer than 4 files or they all came at once (no streaming)."""
+    middle, last = progress[len(progress) // 2 - 1] if len(progress) >= 4 else None, progress[-1]
+    if middle is None or last.seconds - middle.seconds < 1e-3:
+        return None
+    return (last.images_done - middle.images_done) / (last.seconds - middle.seconds)
 
 
-def run_engine(config: JobConfig) -> tuple[float, float, float]:
-    """(steady images/s, end-to-end images/s, seconds) of one job."""
+def run_engine(config: JobConfig) -> tuple[float | None, float, float, list[Progress]]:
+    """(steady images/s, end-to-end images/s, seconds, progress after each file) of one job."""
     progress: list[Progress] = []
     summary = run_job(config, on_progress=progress.append)
-    return steady_rate(progress), summary.ok / summary.seconds, summary.seconds
+    return steady_rate(progress), summary.ok / summary.seconds, summary.seconds, progress
 
 
-def run_bare_loop(config: JobConfig, ids: list[str], prompts: list[str], threads: int) -> tuple[float, dict]:
-    """(images/s after one warm-up batch, tokens by id) of the actor's model class called in a plain loop."""
+@dataclass(frozen=True)
+class BareLoop:
+    steady_images_per_s: float  # after the first batch
+    end_to_end_images_per_s: float  # model load and first batch included
+    tokens: dict  # id -> tokens
+
+
+def run_bare_loop(config: JobConfig, ids: list[str], prompts: list[str], threads: int) -> BareLoop:
+    """The actor's model class called batch after batch in this process: no Ray, no reading, encoding or writing."""
     torch.set_num_threads(threads)
-    model = PipelineModel(config.model, config.sampling)
     seeds = [image_seed(row_id, 0, BASE_SEED) for row_id in ids]
-    batch = config.compute.batch_size
-    model.sample(prompts[:batch], seeds[:batch])  # warm-up
-    tokens = {}
-
-    def loop():
-        for start in range(0, len(prompts), batch):
-            batch_tokens, _ = model.sample(prompts[start:start + batch], seeds[start:start + batch])
-            tokens.update(zip(ids[start:start + batch], batch_tokens.tolist()))
-
-    seconds, _ = seconds_of(loop, config.model.device)
-    return len(prompts) / seconds, tokens
+    batch, device = config.compute.batch_size, config.model.device
+    load_seconds, model = seconds_of(lambda: PipelineModel(config.model, config.sampling), device)
+    tokens, batch_seconds = {}, []
+    for start in range(0, len(prompts), batch):
+        seconds, (batch_tokens, _) = seconds_of(
+            lambda: model.sample(prompts[start:start + batch], seeds[start:start + batch]), device)
+        batch_seconds.append(seconds)
+        tokens.update(zip(ids[start:start + batch], batch_tokens.tolist()))
+    steady_images = len(prompts) - min(batch, len(prompts))
+    steady = steady_images / sum(batch_seconds[1:]) if steady_images else len(prompts) / batch_seconds[0]
+    return BareLoop(steady, len(prompts) / (load_seconds + sum(batch_seconds)), tokens)
 
 
 def same_tokens_fraction(config: JobConfig, bare_tokens: dict) -> float:
@@ -114,7 +120,8 @@ def same_tokens_fraction(config: JobConfig, bare_tokens: dict) -> float:
 def run(settings: Settings) -> Report:
     report = Report("engine", asdict(settings), machine(settings.device), columns=[
         "images", "steps", "batch", "bare_loop_images_per_s", "engine_images_per_s", "efficiency",
-        "engine_end_to_end_images_per_s", "engine_seconds", "same_tokens_fraction"])
+        "bare_loop_end_to_end_images_per_s", "engine_end_to_end_images_per_s", "end_to_end_efficiency",
+        "same_tokens_fraction"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-bench-") as scratch:
         folder = Path(scratch)
         checkpoint = matching_pipeline(reference_pipeline(SIZES[settings.size], settings.seed)) \
@@ -123,24 +130,30 @@ def run(settings: Settings) -> Report:
         cpus_per_actor = start_ray(settings.device)
         try:
             config = job_config(settings, folder / "prompts.parquet", checkpoint, folder / "out", cpus_per_actor)
-            started = time.monotonic()
-            steady, end_to_end, seconds = run_engine(config)
-            print(f"engine: {seconds:.1f} s ({time.monotonic() - started:.1f} s with publishing)")
+            steady, end_to_end, seconds, progress = run_engine(config)
         finally:
             ray.shutdown()
-        bare, bare_tokens = run_bare_loop(config, ids, distinct_prompts(settings.images), int(cpus_per_actor))
-        same = same_tokens_fraction(config, bare_tokens)
+        bare = run_bare_loop(config, ids, distinct_prompts(settings.images), int(cpus_per_actor))
+        same = same_tokens_fraction(config, bare.tokens)
+    efficiency = steady / bare.steady_images_per_s if steady is not None else None
     report.rows.append({"images": settings.images, "steps": settings.steps, "batch": settings.batch,
-                        "bare_loop_images_per_s": bare, "engine_images_per_s": steady, "efficiency": steady / bare,
-                        "engine_end_to_end_images_per_s": end_to_end, "engine_seconds": seconds,
-                        "same_tokens_fraction": same})
-    report.summary = {"efficiency": steady / bare, "end_to_end_efficiency": end_to_end / bare,
-                      "cpus_per_actor": cpus_per_actor}
+                        "bare_loop_images_per_s": bare.steady_images_per_s, "engine_images_per_s": steady,
+                        "efficiency": efficiency, "bare_loop_end_to_end_images_per_s": bare.end_to_end_images_per_s,
+                        "engine_end_to_end_images_per_s": end_to_end,
+                        "end_to_end_efficiency": end_to_end / bare.end_to_end_images_per_s,
+                        "engine_seconds": seconds, "same_tokens_fraction": same,
+                        "files_written_at": [[round(p.seconds, 2), p.images_done] for p in progress]})
+    report.summary = {"efficiency": efficiency, "end_to_end_efficiency": end_to_end / bare.end_to_end_images_per_s,
+                      "cpus_per_actor": cpus_per_actor, "streamed": steady is not None}
     report.notes += [
         f"config {settings.size!r}, {settings.dtype} on {settings.device}, guidance {GUIDANCE_SCALE}, truncation "
         f"{TRUNCATION_RATE}, one image per prompt, PNG output, one metadata file per batch.",
         f"the actor held {cpus_per_actor:g} CPU(s); the bare loop ran {int(cpus_per_actor)} torch thread(s).",
-        "efficiency = engine steady-state images/s / bare-loop images/s; end-to-end includes actor start and model "
-        "load; same_tokens_fraction: images whose tokens equal the bare loop's for the same seed.",
+        "efficiency = engine images/s over the second half of its files / bare-loop images/s after its first batch; "
+        "end-to-end: the whole job (actor start, model load, publishing) against the bare loop with its model load "
+        "and first batch; same_tokens_fraction: images whose tokens equal the bare loop's for the same seed.",
     ]
+    if steady is None:
+        report.notes.append("the job's files all came at once (no streaming): no steady-state rate; see "
+                            "files_written_at in the JSON.")
     return report

@@ -1,7 +1,7 @@
 """The two pipelines under test: diffusers' reference with random weights, and vqbatch's on a copy of its weights.
 
 Model sizes (`SIZES`):
-    tiny   a few-second model for the smoke test;
+    tiny   a few-second model with a 10-step chain, for the smoke test;
     small  the profile config of issue 7: 8-layer 512-wide transformer, 16x16 latents, 1024 codebook classes + mask;
     ithq   the architecture of microsoft/vq-diffusion-ithq: 36-layer 1408-wide transformer (1.36 B parameters),
            32x32 latents, 4096 classes + mask, CLIP ViT-B/32 text encoder, the f8 VQ-VAE of the ITHQ release.
@@ -25,7 +25,7 @@ from vqbatch.pipeline import VQDiffusionPipeline
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 from vqbatch.tiny import MAX_PROMPT_TOKENS, tiny_tokenizer
 
-NUM_TRAIN_TIMESTEPS = 100  # the ITHQ chain length; also the timestep embedding's size
+ITHQ_TIMESTEPS = 100  # the ITHQ diffusion chain length
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,17 @@ class ModelSize:
     def latent_side(self) -> int:
         return self.transformer["sample_size"]
 
+    @property
+    def num_train_timesteps(self) -> int:  # the diffusion chain's length
+        return self.transformer["num_embeds_ada_norm"]
+
 
 def transformer_config(*, heads: int, head_dim: int, layers: int, latent_side: int, codebook: int,
-                       text_width: int) -> dict:
+                       text_width: int, timesteps: int = ITHQ_TIMESTEPS) -> dict:
     return dict(num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
                 cross_attention_dim=text_width, attention_bias=True, sample_size=latent_side,
                 num_vector_embeds=codebook + 1, activation_fn="geglu-approximate",
-                num_embeds_ada_norm=NUM_TRAIN_TIMESTEPS)
+                num_embeds_ada_norm=timesteps)
 
 
 def vqvae_config(*, channels: tuple[int, ...], layers_per_block: int, latent_channels: int, embed_dim: int,
@@ -67,7 +71,7 @@ def vqvae_config(*, channels: tuple[int, ...], layers_per_block: int, latent_cha
 SIZES = {
     "tiny": ModelSize(
         "tiny",
-        transformer_config(heads=2, head_dim=16, layers=2, latent_side=4, codebook=32, text_width=32),
+        transformer_config(heads=2, head_dim=16, layers=2, latent_side=4, codebook=32, text_width=32, timesteps=10),
         vqvae_config(channels=(8, 16), layers_per_block=1, latent_channels=8, embed_dim=8, codebook=32,
                      attention_at_lowest=False),
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
@@ -121,7 +125,7 @@ def reference_pipeline(size: ModelSize, seed: int = 0):
         vqvae = ReferenceVQModel(**size.vqvae).eval()
         unconditional = ReferenceEmbeddings(learnable=True, hidden_size=text_width, length=MAX_PROMPT_TOKENS)
         torch.nn.init.normal_(unconditional.embeddings, std=text_width ** -0.5)  # rows of about unit norm, like text
-    scheduler = ReferenceScheduler(num_vec_classes=size.num_classes, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    scheduler = ReferenceScheduler(num_vec_classes=size.num_classes, num_train_timesteps=size.num_train_timesteps)
     pipeline = ReferencePipeline(vqvae=vqvae, text_encoder=encoder, tokenizer=tokenizer, transformer=transformer,
                                  scheduler=scheduler, learned_classifier_free_sampling_embeddings=unconditional)
     pipeline.set_progress_bar_config(disable=True)

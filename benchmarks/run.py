@@ -12,11 +12,14 @@ from collections.abc import Sequence
 
 import torch
 
-# Per model size: (steps of the model benchmark, its batch sizes, device, dtype, sampler batch)
+# Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {
-    "tiny": dict(steps=4, batch_sizes=(1, 2), device="cpu", dtype="float32", sampler_batch=1),
-    "small": dict(steps=10, batch_sizes=(1, 4, 16), device="cpu", dtype="float32", sampler_batch=1),
-    "ithq": dict(steps=100, batch_sizes=(1, 4, 16), device="cuda", dtype="float16", sampler_batch=4),
+    "tiny": dict(steps=4, batch_sizes=(1, 2), device="cpu", dtype="float32", sampler_batch=1,
+                 sampler_steps=(2, 5, 10)),
+    "small": dict(steps=10, batch_sizes=(1, 4, 16), device="cpu", dtype="float32", sampler_batch=1,
+                  sampler_steps=(10, 25, 50, 100)),
+    "ithq": dict(steps=100, batch_sizes=(1, 4, 16), device="cuda", dtype="float16", sampler_batch=4,
+                 sampler_steps=(10, 25, 50, 100)),
 }
 DEFAULT_OUT = "benchmarks/results"
 
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampler = benchmarks.add_parser("sampler", help="time against steps of the fewer-step sampler")
     add_common(sampler)
-    sampler.add_argument("--step-counts", type=integers, default=(10, 25, 50, 100))
+    sampler.add_argument("--step-counts", type=integers, help="comma-separated (default 10,25,50,100)")
     sampler.add_argument("--batch", type=int, help="images per call (default: 1 for small, 4 for ithq)")
     sampler.add_argument("--guidance-scale", type=float, default=5.0)
     sampler.add_argument("--truncation-rate", type=float, default=0.86)
@@ -103,7 +106,7 @@ def run_sampler(args: argparse.Namespace):
     from benchmarks import sampler
 
     defaults = DEFAULTS[args.config]
-    settings = sampler.Settings(size=args.config, step_counts=args.step_counts,
+    settings = sampler.Settings(size=args.config, step_counts=args.step_counts or defaults["sampler_steps"],
                                 batch=args.batch or defaults["sampler_batch"], guidance_scale=args.guidance_scale,
                                 truncation_rate=args.truncation_rate, device=args.device or defaults["device"],
                                 dtype=args.dtype or defaults["dtype"], seed=args.seed)

@@ -1,0 +1,100 @@
+"""Each benchmark's code path on the tiny model, one short iteration: the results' structure and token equality.
+
+Timings are not checked (they belong to `python -m benchmarks.run`, never to the tests). The engine and data-plane
+benchmarks need a Ray cluster, too slow to start here: their own pieces (prompt files, the bare loop, the steady-rate
+arithmetic, the memory sampler) are run without it; the engine itself is tested in tests/test_engine.py.
+"""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks import engine, model, sampler
+from benchmarks.pipelines import SIZES, matching_pipeline, reference_pipeline
+from benchmarks.run import main
+from vqbatch.config import validate_job_config
+from vqbatch.engine import Progress
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' deprecation notes on the reference
+
+
+def test_model_benchmark_writes_json_and_table_with_equal_tokens(tmp_path, capsys):
+    main(["model", "--config", "tiny", "--steps", "3", "--batch-sizes", "1,2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "model-tiny.json").read_text())
+    assert [row["batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["same_tokens"] is True
+        assert row["reference_images_per_s"] > 0 and row["vqbatch_images_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["vqbatch_images_per_s"] / row["reference_images_per_s"])
+    assert result["summary"]["all_same_tokens"] is True
+    assert result["machine"]["cpu_cores"] >= 1 and result["machine"]["torch_threads"] >= 1
+    table = (tmp_path / "model-tiny.md").read_text()
+    assert "| batch | steps |" in table and table in capsys.readouterr().out
+
+
+def test_sampler_benchmark_full_chain_row_matches_the_reference(tmp_path):
+    main(["sampler", "--config", "tiny", "--step-counts", "3,10", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "sampler-tiny.json").read_text())["rows"]
+    assert [(row["pipeline"], row["steps"]) for row in rows] == [("reference", 10), ("vqbatch skip", 3),
+                                                                  ("vqbatch skip", 10)]
+    assert rows[2]["same_tokens_as_reference"] is True and rows[1]["same_tokens_as_reference"] is None
+
+
+def test_sampler_refuses_more_steps_than_the_chain():
+    settings = sampler.Settings(size="tiny", step_counts=(11,), batch=1, guidance_scale=5.0, truncation_rate=0.86,
+                                device="cpu", dtype="float32", seed=0)
+    with pytest.raises(ValueError, match="at most the 'tiny' chain's 10 steps"):
+        sampler.run(settings)
+
+
+def test_flop_count_of_the_ithq_transformer():
+    # 36 blocks of 1408 wide at 1024 latent tokens: about 2.2 GFLOP per token and forward, doubled by guidance
+    flops = model.transformer_flops_per_image_step(SIZES["ithq"], guided=True)
+    assert 4.4e12 < flops < 4.7e12
+
+
+def test_engine_bare_loop_samples_every_prompt(tmp_path):
+    checkpoint = matching_pipeline(reference_pipeline(SIZES["tiny"])).save_pretrained(tmp_path / "checkpoint")
+    ids = engine.write_prompts(tmp_path / "prompts.parquet", 3)
+    settings = engine.Settings(size="tiny", images=3, steps=2, batch=2, device="cpu", dtype="float32", seed=0)
+    config = engine.job_config(settings, tmp_path / "prompts.parquet", checkpoint, tmp_path / "out", 1.0)
+    prompts = pq.read_table(tmp_path / "prompts.parquet").column("prompt").to_pylist()
+    bare = engine.run_bare_loop(config, ids, prompts, threads=1)
+    assert sorted(bare.tokens) == ids and all(len(tokens) == 16 for tokens in bare.tokens.values())
+    assert bare.steady_images_per_s > 0 and bare.end_to_end_images_per_s > 0
+
+
+def test_engine_steady_rate_uses_the_second_half_of_the_files():
+    progress = [Progress(images, 8, seconds) for images, seconds in [(2, 10.0), (4, 11.0), (6, 12.0), (8, 13.0)]]
+    assert engine.steady_rate(progress) == pytest.approx(4 / 2)
+    at_once = [Progress(images, 8, 10.0) for images in (2, 4, 6, 8)]
+    assert engine.steady_rate(at_once) is None
+
+
+def test_dataplane_prompt_files_are_sharded_and_distinct(tmp_path):
+    pytest.importorskip("psutil", reason="the data-plane benchmark samples memory with psutil (bench extra)")
+    from benchmarks import dataplane
+
+    folder = dataplane.write_prompt_files(tmp_path / "prompts", 25_000)
+    tables = [pq.read_table(path) for path in sorted(folder.iterdir())]
+    assert [table.num_rows for table in tables] == [10_000, 10_000, 5_000]
+    prompts = [prompt for table in tables for prompt in table.column("prompt").to_pylist()]
+    assert len(set(prompts)) == 25_000
+    settings = dataplane.Settings(row_counts=(25_000,), batch=100, rows_per_file=1000)
+    config = dataplane.job_config(settings, folder, tmp_path / "out")
+    assert config == validate_job_config(config.model_dump(mode="json"))
+    assert config.model.uri == "noop"
+
+
+def test_peak_memory_sees_the_driver_and_its_children():
+    pytest.importorskip("psutil", reason="the memory sampler uses psutil (bench extra)")
+    from benchmarks.memory import PeakMemory
+
+    with PeakMemory(interval=0.05) as memory:
+        child = subprocess.Popen([sys.executable, "-c", "import time; data = bytearray(64 * 2**20); time.sleep(1)"])
+        child.wait()
+    assert memory.peaks.driver_mib > 10
+    assert memory.peaks.tree_total_mib >= memory.peaks.driver_mib + 50  # the child's 64 MiB buffer was seen
