@@ -1,4 +1,4 @@
-"""Run one benchmark: `python -m benchmarks.run <model|sampler|engine|dataplane> [options]`.
+"""Run one benchmark: `python -m benchmarks.run <model|sampler|parts|engine|dataplane> [options]`.
 
 Each prints its results as JSON and as a markdown table and writes both to `--out` as `<name>-<config>.json|.md`.
 Defaults per `--config` keep the small runs to minutes on a 2-core CPU; see docs/performance.md.
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--guidance-scale", type=float, default=5.0)
     sampler.add_argument("--truncation-rate", type=float, default=0.86)
 
+    parts = benchmarks.add_parser("parts", help="each speed change of the sampling loop alone vs the reference")
+    add_common(parts)
+    parts.add_argument("--batch", type=int, default=4, help="images per step (2x rows with guidance)")
+    parts.add_argument("--repeats", type=int, default=3, help="timed calls per part (median reported)")
+
     engine = benchmarks.add_parser("engine", help="images/s of the Ray Data job vs a bare loop over the pipeline")
     add_common(engine)
     engine.add_argument("--images", type=int, default=48, help="prompts in the job (one image each)")
@@ -113,6 +118,13 @@ def run_sampler(args: argparse.Namespace):
     return sampler.run(settings), f"sampler-{args.config}"
 
 
+def run_parts(args: argparse.Namespace):
+    from benchmarks import parts
+
+    settings = parts.Settings(size=args.config, batch=args.batch, repeats=args.repeats, seed=args.seed)
+    return parts.run(settings), f"parts-{args.config}"
+
+
 def run_engine(args: argparse.Namespace):
     from benchmarks import engine
 
@@ -130,7 +142,8 @@ def run_dataplane(args: argparse.Namespace):
     return dataplane.run(settings), "dataplane"
 
 
-RUNNERS = {"model": run_model, "sampler": run_sampler, "engine": run_engine, "dataplane": run_dataplane}
+RUNNERS = {"model": run_model, "sampler": run_sampler, "parts": run_parts, "engine": run_engine,
+           "dataplane": run_dataplane}
 
 if __name__ == "__main__":
     main()

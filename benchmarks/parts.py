@@ -1,0 +1,118 @@
+"""`parts`: each speed change of vqbatch's sampling loop timed alone against the reference code it replaces.
+
+One denoising step at batch `batch` (2 x batch rows with guidance), on the same weights and inputs:
+    transformer   one guided forward; the reference projects the text to cross-attention keys and values in every
+                  forward, vqbatch once per call (`precompute_text`) and reuses them
+    guidance      combining the two halves in log space (reference: new tensors; vqbatch: in place)
+    truncate      keeping the classes within the truncation mass (reference: two sorts; vqbatch: one sort)
+    scheduler     one reverse step p(x_{t-1} | x_t) with Gumbel sampling, in the middle of the chain
+    text          conditioning `batch` images that repeat one prompt (reference: encodes each; vqbatch: once)
+Each part checks that both sides give the same result (tokens equal, tensors equal or within 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.pipelines import SIZES, distinct_prompts, pipeline_pair
+from benchmarks.report import Report, Timing, machine, median, timing_of
+from vqbatch.pipeline import encode_prompts, guide_, truncate
+
+TRUNCATION_RATE, GUIDANCE_SCALE = 0.86, 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: str
+    batch: int
+    repeats: int
+    seed: int
+
+
+def median_timing(call: Callable[[], object], repeats: int) -> tuple[Timing, object]:
+    call()  # warm-up
+    timings, result = [], None
+    for _ in range(repeats):
+        timing, result = timing_of(call, "cpu")
+        timings.append(timing)
+    return Timing(median([t.wall_s for t in timings]), median([t.cpu_s for t in timings])), result
+
+
+def compare(name: str, reference: Callable[[], object], ours: Callable[[], object], same: Callable, repeats: int,
+            what: str) -> dict:
+    reference_timing, theirs = median_timing(reference, repeats)
+    vqbatch_timing, mine = median_timing(ours, repeats)
+    return {"part": name, "reference_ms": 1e3 * reference_timing.wall_s, "vqbatch_ms": 1e3 * vqbatch_timing.wall_s,
+            "speedup": reference_timing.wall_s / vqbatch_timing.wall_s,
+            "speedup_cpu_time": reference_timing.cpu_s / vqbatch_timing.cpu_s, "same_result": bool(same(theirs, mine)),
+            "what": what}
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    finite = torch.isfinite(a)
+    return torch.equal(finite, torch.isfinite(b)) and torch.allclose(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+
+
+def same_first_keys(ours) -> Callable:
+    """Whether the reference's text embeddings, projected by vqbatch's first block, give vqbatch's cached keys."""
+    attention = ours.transformer.transformer_blocks[0].attn2
+
+    def check(embeddings: torch.Tensor, cache) -> bool:
+        return close(attention.split_heads(attention.to_k(embeddings)), cache.keys_values[0][0])
+    return check
+
+
+def step_inputs(ours, batch: int, seed: int, t: torch.Tensor):
+    """Mid-chain tokens x_t (B, P), the 2B-row text (reference form and vqbatch's cache), and guided log p(x_0)."""
+    generator = torch.Generator().manual_seed(seed)
+    transformer = ours.transformer
+    sample = torch.randint(0, transformer.num_vector_embeds, (batch, transformer.num_latent_pixels),
+                           generator=generator)  # (B, P)
+    text_cache = ours.text_conditions(distinct_prompts(batch), 1, guided=True)
+    unconditional = ours.unconditional_embedding().expand(batch, -1, -1)
+    text = torch.cat([unconditional, encode_prompts(ours.tokenizer, ours.text_encoder, distinct_prompts(batch))])
+    log_p = ours.predict_log_p_x_0(sample, text_cache, t, GUIDANCE_SCALE)  # (B, K, P)
+    return sample, text, text_cache, log_p
+
+
+@torch.no_grad()
+def run(settings: Settings) -> Report:
+    size = SIZES[settings.size]
+    ours, reference = pipeline_pair(size, seed=settings.seed)
+    batch, repeats, t = settings.batch, settings.repeats, torch.tensor(size.num_train_timesteps // 2)
+    sample, text, text_cache, log_p = step_inputs(ours, batch, settings.seed, t)
+    doubled = torch.cat([sample, sample])
+    halves = reference.transformer(doubled, encoder_hidden_states=text, timestep=t).sample.chunk(2)
+    ours.scheduler.set_timesteps(size.num_train_timesteps)
+    reference.scheduler.set_timesteps(size.num_train_timesteps)
+    repeated = ["a lighthouse on a cliff at sunset"] * batch
+
+    def reference_guidance():
+        uncond, cond = halves
+        guided = uncond + GUIDANCE_SCALE * (cond - uncond)
+        return guided - torch.logsumexp(guided, dim=1, keepdim=True)
+
+    rows = [
+        compare("transformer", lambda: reference.transformer(doubled, encoder_hidden_states=text, timestep=t).sample,
+                lambda: ours.transformer(doubled, timestep=t, text_cache=text_cache), close, repeats,
+                "one guided forward (2B rows)"),
+        compare("guidance", reference_guidance, lambda: guide_(halves[0].clone(), halves[1].clone(), GUIDANCE_SCALE),
+                close, repeats, "combine the halves, renormalise (vqbatch's time includes two input copies)"),
+        compare("truncate", lambda: reference.truncate(log_p, TRUNCATION_RATE),
+                lambda: truncate(log_p, TRUNCATION_RATE), close, repeats, f"truncation rate {TRUNCATION_RATE}"),
+        compare("scheduler", lambda: reference.scheduler.step(log_p, t, sample,
+                                                               generator=torch.Generator().manual_seed(1)).prev_sample,
+                lambda: ours.scheduler.step(log_p, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample,
+                torch.equal, repeats, f"reverse step at t = {int(t)}, Gumbel sampling"),
+        compare("text", lambda: reference._encode_prompt(repeated, 1, True),
+                lambda: ours.text_conditions(repeated, 1, guided=True), same_first_keys(ours), repeats,
+                f"{batch} images of one prompt, guided (same_result: first block's cross-attention keys)"),
+    ]
+    report = Report("parts", asdict(settings), machine("cpu"), columns=[
+        "part", "reference_ms", "vqbatch_ms", "speedup", "speedup_cpu_time", "same_result", "what"], rows=rows)
+    report.notes += [f"config {settings.size!r}, batch {batch} (2 x {batch} transformer rows with guidance), "
+                     f"float32 on CPU; median of {repeats} timed calls after a warm-up."]
+    return report
