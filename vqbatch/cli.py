@@ -97,29 +97,49 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="generate an image dataset from Parquet prompts on Ray")
+    add_job_flags(parser)
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_const", dest="output.mode", const="overwrite",
+                          help="replace a dataset already at --output")
+    existing.add_argument("--resume", action="store_const", dest="output.mode", const="refresh",
+                          help="finish a killed run at --output: keep the rows it wrote, sample the rest "
+                               "(the same as `vqbatch refresh`)")
+    parser.set_defaults(run=run_job_command)
+
+
+def add_refresh_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("refresh", help="add the rows the dataset lacks (new prompts, rows a killed run "
+                                                 "left) as a new version; nothing when it holds them all")
+    add_job_flags(parser)
+    parser.set_defaults(run=run_job_command, **{"output.mode": "refresh"})
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `refresh` share: every job setting, the pool size, the cluster, the fingerprint."""
     parser.add_argument("--config", help="job YAML (sections input, model, sampling, compute, output, s3); "
                                          "flags override it")
     for flag, key, kind, text in GENERATE_FLAGS:
         parser.add_argument(flag, dest=key, type=kind, help=text, metavar=flag[2:].upper().replace("-", "_"),
                             action="append" if key == "input.paths" else None)
     parser.add_argument("--num-actors", type=int, help="fixed actor pool size (sets min and max)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else a new local Ray; "
                                               "'auto': a running cluster if any)")
+    parser.add_argument("--allow-new-fingerprint", action="store_true",
+                        help="when the model, sampling settings or sampler code differ from the dataset's latest "
+                             "version: generate every row again as a new version (refused otherwise)")
 
-    def run(args: argparse.Namespace) -> int:
-        from vqbatch.config import load_job_config
 
-        overrides = {key: getattr(args, key) for _, key, _, _ in GENERATE_FLAGS}
-        overrides.update({"compute.min_actors": args.num_actors, "compute.max_actors": args.num_actors,
-                          "output.mode": "overwrite" if args.overwrite else None})
-        try:
-            config = load_job_config(args.config, overrides)
-        except (ValueError, FileNotFoundError) as error:
-            return report_job_error(error)
-        return run_and_report(config, args.ray_address)
+def run_job_command(args: argparse.Namespace) -> int:
+    from vqbatch.config import load_job_config
 
-    parser.set_defaults(run=run)
+    overrides = {key: getattr(args, key) for _, key, _, _ in GENERATE_FLAGS}
+    overrides.update({"compute.min_actors": args.num_actors, "compute.max_actors": args.num_actors,
+                      "output.mode": getattr(args, "output.mode")})
+    try:
+        config = load_job_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        return report_job_error(error)
+    return run_and_report(config, args.ray_address, args.allow_new_fingerprint)
 
 
 def add_demo_command(commands: argparse._SubParsersAction) -> None:
@@ -161,17 +181,23 @@ def default_model() -> Path:
     return folder
 
 
-def run_and_report(config, ray_address: str | None) -> int:
+def run_and_report(config, ray_address: str | None, allow_new_fingerprint: bool = False) -> int:
     from vqbatch.engine import run_job
 
     try:
-        summary = run_job(config, on_progress=ProgressLine(), ray_address=ray_address)
+        summary = run_job(config, on_progress=ProgressLine(), ray_address=ray_address,
+                          allow_new_fingerprint=allow_new_fingerprint)
     except (ValueError, FileNotFoundError) as error:  # what the user must fix: input, output, model location
         return report_job_error(error)
+    if summary.version is None:
+        print(f"nothing to add: {summary.output_uri} already holds every row of the input for this model, these "
+              "sampling settings and this sampler version")
+        return 0
     print(file=sys.stderr)
     rate = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
     print(f"done: {summary.rows} images ({summary.ok} ok, {summary.errors} failed) in {summary.metadata_files} "
-          f"metadata files, {summary.seconds:.1f} s, {rate:.2f} images/s -> {summary.output_uri}")
+          f"metadata files, {summary.seconds:.1f} s, {rate:.2f} images/s -> {summary.output_uri} "
+          f"(version {summary.version})")
     return 0
 
 
@@ -272,7 +298,8 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_demo_command,
+COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_refresh_command,
+            add_demo_command,
             add_rerun_command, add_verify_command]
 
 

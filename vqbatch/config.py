@@ -76,7 +76,9 @@ class OutputConfig(Section):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     image_quality: int = Field(95, ge=1, le=100)  # jpeg and webp only
     rows_per_file: int = Field(1000, ge=1)  # rows per metadata Parquet file
-    mode: Literal["error", "overwrite"] = "error"  # what to do when the output already holds a dataset
+    # what to do when the output already holds a dataset: refuse it, replace it, or add the rows it lacks as a new
+    # version (`vqbatch refresh`, `generate --resume`; also finishes a killed run)
+    mode: Literal["error", "overwrite", "refresh"] = "error"
 
 
 class S3Config(Section):

@@ -1,10 +1,14 @@
 """The Ray Data job: read prompts -> expand to image rows -> sample on an actor pool -> write images and metadata.
 
     read_parquet(input files)                          read tasks (CPU)
-      -> map_batches(expand_rows)                      one row per (prompt, image index), seed, row status
+      -> map_batches(expand_pending_rows)              one row per (prompt, image index) the output lacks, seed, status
       -> map_batches(SampleBatches, actor pool)        the model, loaded once per actor: tokens + pixels
       -> map_batches(write_shard, rows_per_file)       CPU tasks: encode images, write files and one metadata file
       -> driver: progress per metadata file, then the manifest and `_SUCCESS`
+
+Each run writes one version of the dataset (`vqbatch.io.versions`): it skips the rows the output already holds for
+the same generation fingerprint and the rows a killed run of the same version already wrote, and publishes by
+writing the manifest last.
 
 This is the only module that talks to Ray Data. Everything a job needs is checked before Ray starts and before any
 model loads (`open_input`, `prepare_output`, `check_model_location`).
@@ -25,15 +29,17 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from vqbatch.config import NOOP_MODEL, ComputeConfig, JobConfig, ModelConfig, SamplingConfig
+from vqbatch.config import NOOP_MODEL, ComputeConfig, InputConfig, JobConfig, ModelConfig, SamplingConfig
 from vqbatch.hub import looks_like_hub_id
-from vqbatch.io.dataset import check_output, prepare_output, publish, sampled_table, write_shard
+from vqbatch.io.dataset import check_output, prepare_output, sampled_table, write_shard
 from vqbatch.io.filesystems import is_s3
 from vqbatch.io.images import to_uint8
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
+from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
 
 NOOP_IMAGE_SIZE = 8  # the no-op model's images are NOOP_IMAGE_SIZE x NOOP_IMAGE_SIZE mid-grey squares
 NOOP_LATENT_PIXELS = 16  # and its tokens are this many zeros
+SHARD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64())])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,50 +126,75 @@ class Progress:
 @dataclass(frozen=True)
 class JobSummary:
     output_uri: str
-    rows: int
+    rows: int  # rows this run added (its version's rows); 0 when the output already held every row
     ok: int
     errors: int
     metadata_files: int
     seconds: float
-    manifest: dict
+    manifest: dict | None  # the published manifest; None when nothing was added
+    version: int | None = None  # the version this run published; None when nothing was added
 
 
 def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
-            ray_address: str | None = None) -> JobSummary:
-    """Check the input, output and model location, then run the whole job on Ray and publish the dataset.
+            ray_address: str | None = None, allow_new_fingerprint: bool = False) -> JobSummary:
+    """Check the input, output and model location, then sample the rows the output lacks on Ray and publish them
+    as a new version of the dataset (see `vqbatch.io.versions`).
 
-    An output replaced by `output.mode=overwrite` is cleared only once Ray is up and the actor pool fits it.
+    `output.mode`: `error` needs an empty output, `overwrite` replaces the dataset (cleared only once Ray is up and
+    the actor pool fits), `refresh` adds to it and finishes a killed run. A refresh under a changed generation
+    fingerprint is a ValueError unless `allow_new_fingerprint`. Ray is not started when there is nothing to sample.
     """
     inputs = open_input(config.input, config.s3)
     check_model_location(config.model)
     check_output(config.output, config.s3)
+    plan = plan_version(config, inputs, allow_new_fingerprint)
+    if not plan.pending and not plan.staged:
+        return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
+    started = time.monotonic()
+    if plan.pending:
+        sample_version(config, inputs, plan, on_progress, ray_address)
+    else:  # a killed run wrote every row: publish its files
+        start_version(plan)
+    manifest = publish_version(plan, inputs.uris, config)
+    added = manifest["versions"][-1]
+    return JobSummary(config.output.uri, added["rows_added"], added["rows_ok"], added["rows_failed"],
+                      len(added["metadata_files"]), time.monotonic() - started, manifest, plan.version)
+
+
+def refresh(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
+            ray_address: str | None = None, allow_new_fingerprint: bool = False) -> JobSummary:
+    """`run_job` in `output.mode=refresh`: add the rows the output lacks for this fingerprint as a new version."""
+    refreshing = config.model_copy(update={"output": config.output.model_copy(update={"mode": "refresh"})})
+    return run_job(refreshing, on_progress, ray_address, allow_new_fingerprint)
+
+
+def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan,
+                   on_progress: Callable[[Progress], None] | None, ray_address: str | None) -> None:
+    """Start Ray, ready the output and the version's folder, and write the pending rows' files into it."""
     connect_ray(ray_address)
     num_gpus, pool = actor_pool(config.compute)
-    output = prepare_output(config.output, config.s3)
-    started = time.monotonic()
-    images_total = inputs.num_rows * config.sampling.images_per_prompt
-    shards = []
-    for shard in build_dataset(config, inputs, num_gpus, pool).iter_rows():
-        shards.append(shard)
+    prepare_output(config.output, config.s3)
+    start_version(plan)
+    started, images_done = time.monotonic(), 0
+    for shard in build_dataset(config, inputs, num_gpus, pool, plan).iter_rows():
+        images_done += shard["rows"]
         if on_progress:
-            on_progress(Progress(sum(s["rows"] for s in shards), images_total, time.monotonic() - started))
-    manifest = publish(output, shards, inputs.uris, config)
-    return JobSummary(config.output.uri, manifest["rows"], manifest["ok"], manifest["errors"], len(shards),
-                      time.monotonic() - started, manifest)
+            on_progress(Progress(images_done, plan.pending, time.monotonic() - started))
 
 
 def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
-                  pool: ray.data.ActorPoolStrategy) -> ray.data.Dataset:
+                  pool: ray.data.ActorPoolStrategy, plan: VersionPlan) -> ray.data.Dataset:
     """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller reports progress per file
     return (
         read_prompts(inputs, config)
-        .map_batches(expand_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling),
+        .map_batches(expand_pending_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling,
+                                                         done=plan.done),
                      batch_format="pyarrow", batch_size=None)
         .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
                      num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
-        .map_batches(write_shard_rows, fn_kwargs=dict(config=config),
+        .map_batches(write_shard_rows, fn_kwargs=dict(config=config, folder=plan.folder),
                      batch_size=config.output.rows_per_file, batch_format="pyarrow")
     )
 
@@ -177,8 +208,14 @@ def read_prompts(inputs: InputFiles, config: JobConfig) -> ray.data.Dataset:
                                      columns=inputs.columns(config.input))
 
 
-def write_shard_rows(sampled: pa.Table, config: JobConfig) -> pa.Table:
-    return pa.Table.from_pylist([write_shard(sampled, config)])
+def expand_pending_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig, done: pa.Table) -> pa.Table:
+    """`expand_rows`, less the rows whose (id, image_index) key is in `done` (held or staged already)."""
+    return drop_done(expand_rows(table, config, sampling), done)
+
+
+def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:
+    rows = [write_shard(sampled, config, folder)] if sampled.num_rows else []
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
 
 def actor_pool(compute: ComputeConfig) -> tuple[float, ray.data.ActorPoolStrategy]:

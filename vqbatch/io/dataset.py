@@ -7,6 +7,9 @@ Layout under the output root (a local folder or an s3:// prefix):
     manifest.json                                 the metadata files, counts, input files and settings
     _SUCCESS                                      empty; written last
 
+The engine writes `images/` and `metadata/` of each run under its version's folder (`versions/v0001/...`, see
+`vqbatch.io.versions`), and the manifest lists the published files of every version.
+
 Every file is written whole (`write_bytes_atomically`) at a name that depends only on its content's rows, so a
 rerun writes the same names. Only the metadata files listed in `manifest.json` are published; `_SUCCESS` says the
 manifest is complete.
@@ -35,6 +38,7 @@ MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
 METADATA_DIR = "metadata"
 IMAGES_DIR = "images"
+VERSIONS_DIR = "versions"
 TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
 
 # What the sampler hands to the writer: the image rows plus tokens and raw (H, W, C) pixels (null on error rows).
@@ -76,21 +80,22 @@ def sampled_table(rows: pa.Table, tokens: list, pixels: list) -> pa.Table:
     return pa.table(columns, schema=SAMPLED_SCHEMA)
 
 
-def write_shard(sampled: pa.Table, config: JobConfig) -> dict:
-    """Encode and write the images of `sampled`, then its metadata file; return the file's summary."""
+def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
+    """Encode and write the images of `sampled`, then its metadata file, under `folder` of the output root;
+    return the file's summary."""
     output = OutputRoot.of(config.output, config.s3)
-    image_paths = [write_image(output, row, config.output) if row["status"] == "ok" else None
+    image_paths = [write_image(output, row, config.output, folder) if row["status"] == "ok" else None
                    for row in sampled.select(["id", "image_index", "status", "pixels", "height", "width"]).to_pylist()]
     metadata = metadata_table(sampled, image_paths, config)
-    relative = f"{METADATA_DIR}/part-{rows_digest(metadata)}.parquet"
+    relative = posixpath.join(folder, METADATA_DIR, f"part-{rows_digest(metadata)}.parquet")
     write_bytes_atomically(output.filesystem, output.path(relative), parquet_bytes(metadata))
     ok = sum(status == "ok" for status in metadata.column("status").to_pylist())
     return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
 
 
-def write_image(output: OutputRoot, row: dict, settings: OutputConfig) -> str:
+def write_image(output: OutputRoot, row: dict, settings: OutputConfig, folder: str = "") -> str:
     pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], -1)  # (H, W, C)
-    relative = image_path(row["id"], row["image_index"], settings.image_format)
+    relative = posixpath.join(folder, image_path(row["id"], row["image_index"], settings.image_format))
     data = encode_image(pixels, settings.image_format, settings.image_quality)
     write_bytes_atomically(output.filesystem, output.path(relative), data)
     return relative
@@ -126,20 +131,21 @@ def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
     existing = dataset_parts(location)
     if existing and output.mode == "error":
         raise ValueError(f"output {output.uri} already holds a dataset ({', '.join(existing)}); choose an empty "
-                         "output or set output.mode=overwrite (--overwrite) to replace it")
+                         "output, set output.mode=overwrite (--overwrite) to replace it, or output.mode=refresh "
+                         "(`vqbatch refresh`, `generate --resume`) to add the rows it lacks and finish a killed run")
     return location
 
 
 def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
     """`check_output`, then clear the output for overwrite: only what this layout writes is deleted."""
     location = check_output(output, s3)
-    for name in dataset_parts(location):
+    for name in dataset_parts(location) if output.mode == "overwrite" else ():
         remove(location.filesystem, location.path(name))
     return location
 
 
 def dataset_parts(location: OutputRoot) -> list[str]:
-    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR)
+    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR, VERSIONS_DIR)
             if exists(location.filesystem, location.path(name))]
 
 
@@ -150,8 +156,12 @@ def remove(filesystem: pafs.FileSystem, path: str) -> None:
         filesystem.delete_file(path)
 
 
-def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], config: JobConfig) -> dict:
-    """Write the manifest, then the `_SUCCESS` marker: the dataset is visible to readers from here on."""
+def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], config: JobConfig,
+            versions: list[dict] | None = None) -> dict:
+    """Write the manifest, then the `_SUCCESS` marker: the dataset is visible to readers from here on.
+
+    `shards` are the files readers see; `versions` is the history of versions (see `vqbatch.io.versions`).
+    """
     manifest = {
         "format": "vqbatch-dataset/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -163,6 +173,7 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
         "model": config.model.model_dump(mode="json"),
         "sampling": config.sampling.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json"),
+        "versions": versions or [],
     }
     write_bytes_atomically(location.filesystem, location.path(MANIFEST_NAME),
                            json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))

@@ -1,0 +1,318 @@
+"""Dataset versions: the generation fingerprint, the rows a run still has to add, and publishing a run's version.
+
+Every run of `generate` or `refresh` writes one version next to the earlier ones:
+
+    versions/v0001/fingerprint.json                 the fingerprint the version is generated for; written first
+    versions/v0001/metadata/part-<rows digest>.parquet
+    versions/v0001/images/<xx>/<id digest>_<k>.<ext>
+    manifest.json                                   written last: the published files and the history of versions
+
+A row is an (id, image_index) key. A run samples only the input keys that no published version of the current
+fingerprint holds, and that no complete metadata file already staged in its own version folder holds (files a
+killed run wrote: each one was written whole, so it is adopted). Publishing lists the staged files, drops rows
+already held (a retried writer may have written a row twice), and writes the manifest: its `metadata_files` are
+the files of every version with the current fingerprint, so readers see each key once; `versions` lists every
+version with its own files, counts, input files and fingerprint.
+
+The fingerprint is what decides the sampled tokens and images: the model's identity (its config files' contents
+and its weight files' sizes, or the hub revision), the dtype, the sampling parameters, the image encoding, and the
+sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
+images per prompt are more keys. A refresh under a changed fingerprint is refused unless allowed; allowed, it
+generates every key again as a new version, and the older versions stay on disk and in the history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config
+from vqbatch.hub import cache_root, looks_like_hub_id
+from vqbatch.io.dataset import (MANIFEST_NAME, METADATA_DIR, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove,
+                                rows_digest)
+from vqbatch.io.filesystems import exists, is_s3, list_files, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.prompts import InputFiles, expand_rows
+
+SAMPLER_VERSION = 1  # raise it whenever a code change makes the same settings sample other tokens or images
+FINGERPRINT_NAME = "fingerprint.json"
+KEY_COLUMNS = ["id", "image_index"]
+KEY_SCHEMA = pa.schema([("id", pa.string()), ("image_index", pa.int32())])
+CONTENT_HASHED_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # small checkpoint files hashed whole
+MAX_HASHED_BYTES = 16 * 2**20  # larger files (weights) are identified by name and size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generation fingerprint
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fingerprint:
+    parts: dict  # {"model": ..., "sampling": ..., "encoding": ..., "code": ...}, JSON values only
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(self.parts, sort_keys=True, ensure_ascii=False)
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def generation_fingerprint(config: JobConfig) -> Fingerprint:
+    import vqbatch
+
+    sampling = config.sampling.model_dump(mode="json")
+    sampling.pop("images_per_prompt")
+    encoding = {"image_format": config.output.image_format, "image_quality": config.output.image_quality}
+    return Fingerprint({"model": {**model_identity(config.model, config.s3), "dtype": config.model.dtype},
+                        "sampling": sampling, "encoding": encoding,
+                        "code": {"vqbatch": vqbatch.__version__, "sampler": SAMPLER_VERSION}})
+
+
+def model_identity(model: ModelConfig, s3: S3Config) -> dict:
+    """What names the weights: the hub revision, or each checkpoint file (content hash, or size for weights)."""
+    if model.uri == NOOP_MODEL:
+        return {"kind": NOOP_MODEL}
+    if not is_s3(model.uri) and looks_like_hub_id(model.uri) and not Path(model.uri).expanduser().exists():
+        return {"kind": "hub", "id": model.uri, "revision": hub_revision(model.uri)}
+    filesystem, root = resolve(model.uri, s3)
+    return {"kind": "files", "files": checkpoint_files(filesystem, root)}
+
+
+def checkpoint_files(filesystem: pafs.FileSystem, root: str) -> dict[str, str]:
+    """{path relative to the checkpoint: "blake2b:<hex>" for config and tokenizer files, "bytes:<size>" else}."""
+    selector = pafs.FileSelector(root, recursive=True)
+    identity = {}
+    for info in filesystem.get_file_info(selector):
+        relative = posixpath.relpath(info.path, root)
+        if info.type != pafs.FileType.File or relative.startswith(".") or "/." in relative:
+            continue
+        if relative.endswith(CONTENT_HASHED_SUFFIXES) and info.size <= MAX_HASHED_BYTES:
+            identity[relative] = "blake2b:" + hashlib.blake2b(read_bytes(filesystem, info.path), digest_size=16).hexdigest()
+        else:
+            identity[relative] = f"bytes:{info.size}"
+    return dict(sorted(identity.items()))
+
+
+def hub_revision(repo_id: str) -> str:
+    """The commit the hub id resolves to: the local cache's `main` ref, else asked from the hub."""
+    cached = cache_root() / "hub" / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    if cached.is_file():
+        return cached.read_text().strip()
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        return HfApi().model_info(repo_id).sha
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
+        raise ValueError(f"cannot tell which revision of {repo_id!r} the job would use ({error}); pass a local "
+                         "checkpoint folder or an s3:// URI instead") from None
+
+
+def fingerprint_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'sampling.steps: 3 -> 4' for every leaf that differs between two fingerprints' parts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += fingerprint_changes(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning a run: which version it writes and which keys it skips
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VersionPlan:
+    location: OutputRoot
+    version: int
+    fingerprint: Fingerprint
+    history: tuple[dict, ...]  # the published versions, oldest first (the manifest's `versions`)
+    held: frozenset[tuple[str, int]]  # keys the published versions of this fingerprint hold
+    staged: tuple[str, ...]  # complete metadata files a killed run of this version left (adopted)
+    done: pa.Table  # KEY_SCHEMA: held and staged keys, which this run skips
+    pending: int  # input keys still to sample
+
+    @property
+    def folder(self) -> str:
+        return version_folder(self.version)
+
+
+def version_folder(version: int) -> str:
+    return f"{VERSIONS_DIR}/v{version:04d}"
+
+
+def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: bool = False) -> VersionPlan:
+    """The version this run writes and the keys it skips; a changed fingerprint is a ValueError unless allowed.
+
+    Only `output.mode == "refresh"` looks at what the output holds: `error` found it empty and `overwrite` clears it.
+    """
+    location = OutputRoot.of(config.output, config.s3)
+    fingerprint = generation_fingerprint(config)
+    history = tuple(published_versions(location)) if config.output.mode == "refresh" else ()
+    if history and history[-1]["fingerprint"] != fingerprint.digest and not allow_new_fingerprint:
+        raise ValueError(changed_fingerprint_message(config.output.uri, history[-1], fingerprint))
+    version = history[-1]["version"] + 1 if history else 1
+    held = frozenset(key for path in current_files(location, history, fingerprint) for key in read_keys(location, path))
+    staged = tuple(staged_files(location, version, fingerprint)) if config.output.mode == "refresh" else ()
+    done = {*held, *(key for path in staged for key in read_keys(location, path))}
+    pending = drop_done(input_keys(inputs, config), done).num_rows
+    return VersionPlan(location, version, fingerprint, history, held, staged, keys_table(done), pending)
+
+
+def published_versions(location: OutputRoot) -> list[dict]:
+    """The manifest's version history; [] when nothing is published yet."""
+    path = location.path(MANIFEST_NAME)
+    if not exists(location.filesystem, path):
+        return []
+    manifest = json.loads(read_bytes(location.filesystem, path))
+    if not manifest.get("versions"):
+        raise ValueError(f"the dataset at {location.root} has no version history (it was written without "
+                         "versions, e.g. by `vqbatch rerun`); refresh only datasets written by generate or refresh, "
+                         "or regenerate it with --overwrite")
+    return manifest["versions"]
+
+
+def changed_fingerprint_message(uri: str, latest: dict, fingerprint: Fingerprint) -> str:
+    changes = fingerprint_changes(latest.get("fingerprint_parts", {}), fingerprint.parts)
+    return (f"the generation fingerprint changed: output {uri} holds version {latest['version']} with fingerprint "
+            f"{latest['fingerprint']}, this run's is {fingerprint.digest} ({'; '.join(changes) or 'unknown change'}); "
+            "pass --allow-new-fingerprint (allow_new_fingerprint=True) to generate every row again as a new "
+            "version, or run with the dataset's settings")
+
+
+def current_shards(history: tuple[dict, ...], fingerprint: Fingerprint) -> list[dict]:
+    """The published metadata files of every version generated for `fingerprint`."""
+    return [shard for entry in history if entry["fingerprint"] == fingerprint.digest
+            for shard in entry["metadata_files"]]
+
+
+def current_files(location: OutputRoot, history: tuple[dict, ...], fingerprint: Fingerprint) -> list[str]:
+    return [location.path(shard["file"]) for shard in current_shards(history, fingerprint)]
+
+
+def keys_table(keys: set[tuple[str, int]]) -> pa.Table:
+    ids, indices = zip(*sorted(keys)) if keys else ((), ())
+    return pa.table([pa.array(ids, pa.string()), pa.array(indices, pa.int32())], schema=KEY_SCHEMA)
+
+
+def read_keys(location: OutputRoot, path: str) -> list[tuple[str, int]]:
+    table = pq.read_table(path, filesystem=location.filesystem, columns=KEY_COLUMNS)
+    return list(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
+
+
+def staged_files(location: OutputRoot, version: int, fingerprint: Fingerprint) -> list[str]:
+    """The complete metadata files a killed run of this version and fingerprint left; [] for another fingerprint."""
+    folder = location.path(version_folder(version))
+    if staged_fingerprint(location, version) != fingerprint.digest:
+        return []
+    return [path for path in list_files(location.filesystem, posixpath.join(folder, METADATA_DIR))
+            if path.endswith(".parquet")]
+
+
+def staged_fingerprint(location: OutputRoot, version: int) -> str | None:
+    path = location.path(f"{version_folder(version)}/{FINGERPRINT_NAME}")
+    return json.loads(read_bytes(location.filesystem, path))["fingerprint"] if exists(location.filesystem, path) else None
+
+
+def input_keys(inputs: InputFiles, config: JobConfig) -> pa.Table:
+    """Every (id, image_index) key the input expands to, exactly as the engine expands it."""
+    tables = [expand_rows(pq.read_table(path, filesystem=inputs.filesystem, columns=inputs.columns(config.input)),
+                          config.input, config.sampling).select(KEY_COLUMNS).cast(KEY_SCHEMA)
+              for path in inputs.paths]
+    return pa.concat_tables(tables)
+
+
+def drop_done(rows: pa.Table, done: pa.Table | set[tuple[str, int]]) -> pa.Table:
+    """The rows of `rows` whose (id, image_index) key is not in `done` (a KEY_SCHEMA table or a set), in order."""
+    done_keys = set(zip(done.column("id").to_pylist(), done.column("image_index").to_pylist())) \
+        if isinstance(done, pa.Table) else done
+    if not done_keys or rows.num_rows == 0:
+        return rows
+    keep = [key not in done_keys for key in zip(rows.column("id").to_pylist(), rows.column("image_index").to_pylist())]
+    return rows.filter(pa.array(keep, pa.bool_()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and publishing a version
+# ---------------------------------------------------------------------------------------------------------------
+
+def start_version(plan: VersionPlan) -> None:
+    """Ready this version's folder: drop what a run of another fingerprint staged there and any temporary files
+    a killed writer left, then record the fingerprint (before any row is written)."""
+    filesystem = plan.location.filesystem
+    folder = plan.location.path(plan.folder)
+    if exists(filesystem, folder) and staged_fingerprint(plan.location, plan.version) != plan.fingerprint.digest:
+        remove(filesystem, folder)
+    remove_temporary_files(filesystem, folder)
+    remove_temporary_files(filesystem, plan.location.root, recursive=False)
+    record = {"version": plan.version, "fingerprint": plan.fingerprint.digest, "parts": plan.fingerprint.parts}
+    write_bytes_atomically(filesystem, posixpath.join(folder, FINGERPRINT_NAME),
+                           json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def remove_temporary_files(filesystem: pafs.FileSystem, folder: str, recursive: bool = True) -> None:
+    """Delete the hidden `.<name>.<uuid>.tmp` files of `write_bytes_atomically` (local outputs only have them)."""
+    if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        return
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=recursive)):
+        name = posixpath.basename(info.path)
+        if info.type == pafs.FileType.File and name.startswith(".") and name.endswith(".tmp"):
+            filesystem.delete_file(info.path)
+
+
+def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig) -> dict:
+    """Publish every complete metadata file staged in this version's folder, each key once, and return the manifest.
+
+    Rows whose key an earlier file (or an earlier version of this fingerprint) already holds are dropped: a file
+    holding some is rewritten without them under its new rows' name (before any file is deleted), and files left
+    with nothing new are deleted.
+    """
+    shards = deduplicated_shards(plan)
+    entry = {"version": plan.version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "fingerprint": plan.fingerprint.digest, "fingerprint_parts": plan.fingerprint.parts,
+             "rows_added": sum(shard["rows"] for shard in shards), "rows_ok": sum(shard["ok"] for shard in shards),
+             "rows_failed": sum(shard["errors"] for shard in shards), "input_files": input_uris,
+             "metadata_files": shards}
+    versions = (*plan.history, entry)
+    return publish(plan.location, current_shards(versions, plan.fingerprint), input_uris, config,
+                   versions=list(versions))
+
+
+def deduplicated_shards(plan: VersionPlan) -> list[dict]:
+    """Summaries of this version's staged files, cut so that each key not held already appears once."""
+    location, held = plan.location, set(plan.held)
+    staged = [posixpath.relpath(path, location.root) for path in
+              list_files(location.filesystem, location.path(f"{plan.folder}/{METADATA_DIR}")) if path.endswith(".parquet")]
+    shards = {}
+    for relative in staged:
+        table = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=[*KEY_COLUMNS, "status"])
+        new = [key not in held for key in zip(table.column("id").to_pylist(), table.column("image_index").to_pylist())]
+        if not any(new):
+            continue
+        if not all(new):
+            relative = rewrite_without(location, relative, pa.array(new, pa.bool_()), plan.folder)
+            table = table.filter(pa.array(new, pa.bool_()))
+        held.update(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
+        ok = sum(status == "ok" for status in table.column("status").to_pylist())
+        shards[relative] = {"file": relative, "rows": table.num_rows, "ok": ok, "errors": table.num_rows - ok,
+                            "version": plan.version}
+    for relative in set(staged) - set(shards):
+        location.filesystem.delete_file(location.path(relative))
+    return [shards[relative] for relative in sorted(shards)]
+
+
+def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder: str) -> str:
+    """Write the kept rows of a staged metadata file as a file named by their keys; return its relative path."""
+    table = pq.read_table(location.path(relative), filesystem=location.filesystem).filter(keep)
+    rewritten = f"{folder}/{METADATA_DIR}/part-{rows_digest(table)}.parquet"
+    write_bytes_atomically(location.filesystem, location.path(rewritten), parquet_bytes(table))
+    return rewritten
