@@ -128,6 +128,22 @@ def test_an_interrupted_run_resumes_to_the_same_weights(smoke_run, tmp_path):
         train(tmp_path / "run", config.model_copy(update={"seed": 1}), resume=True, log=lambda record: None)
 
 
+def test_a_resumed_run_may_end_a_stage_early(smoke_run, tmp_path):
+    _, config, _ = smoke_run
+
+    def crash_in_the_vqvae_stage(record):
+        if record.get("stage") == "vqvae" and record.get("step") == 20:
+            raise KeyboardInterrupt  # the last checkpoint on disk is step 10
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", config, log=crash_in_the_vqvae_stage)
+    records = []
+    shorter = config.model_copy(update={"vq_steps": 10, "diffusion_steps": 10})
+    train(tmp_path / "run", shorter, resume=True, log=records.append)
+    assert [r["step"] for r in records if "step" in r] == [10]  # no VQ-VAE step left; diffusion steps 0..9
+    assert records[-1]["stage"] == "done"
+
+
 def test_train_command_writes_a_checkpoint(tmp_path, capsys):
     from vqbatch.cli import main
 

@@ -39,10 +39,12 @@ from vqbatch.train.vqvae import EMACodebook, build_vqvae, encode_tokens, images_
 
 STATE_NAME = "train_state.pt"
 STAGES = ("vqvae", "diffusion", "done")
+# A resumed run may train a stage longer or shorter: its learning-rate schedule then follows the new length.
+CHANGEABLE_ON_RESUME = ("vq_steps", "diffusion_steps", "checkpoint_every", "log_every")
 
 
 class TrainConfig(BaseModel):
-    """Everything a run depends on; a resumed run must be given the same config."""
+    """Everything a run depends on; a resumed run must be given the same config, but for CHANGEABLE_ON_RESUME."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,9 +56,9 @@ class TrainConfig(BaseModel):
     jitter: float = Field(0.0, ge=0, le=0.05)  # 0: every scene has exactly one image, which the model can learn
     # VQ-VAE
     vq_channels: tuple[int, ...] = (16, 32, 64)  # one per level; 3 levels make 32x32 images 8x8 token grids
-    codebook_size: int = Field(128, ge=2)
+    codebook_size: int = Field(256, ge=2)
     vq_embed_dim: int = Field(32, ge=1)
-    vq_steps: int = Field(500, ge=0)
+    vq_steps: int = Field(1500, ge=0)
     vq_batch_size: int = Field(16, ge=1)
     vq_learning_rate: float = Field(5e-3, gt=0)
     # text encoder
@@ -68,7 +70,7 @@ class TrainConfig(BaseModel):
     num_heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=4)
     num_timesteps: int = Field(100, ge=2)
-    diffusion_steps: int = Field(1200, ge=0)
+    diffusion_steps: int = Field(1000, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -176,11 +178,11 @@ class TrainState:
     def load(cls, folder: Path, config: TrainConfig, models: Models) -> "TrainState":
         payload = torch.load(folder / STATE_NAME, weights_only=False)
         saved = TrainConfig(**payload["config"])
-        if saved != config:
-            changed = {k: (getattr(saved, k), getattr(config, k)) for k in TrainConfig.model_fields
-                       if getattr(saved, k) != getattr(config, k)}
+        changed = {k: (getattr(saved, k), getattr(config, k)) for k in TrainConfig.model_fields
+                   if getattr(saved, k) != getattr(config, k) and k not in CHANGEABLE_ON_RESUME}
+        if changed:
             raise ValueError(f"cannot resume {folder}: it was trained with a different config; changed "
-                             f"(saved, given): {changed}")
+                             f"(saved, given): {changed}; only {', '.join(CHANGEABLE_ON_RESUME)} may change")
         for name, model in models.trained().items():
             model.load_state_dict(payload["models"][name])
         state = cls(config)
