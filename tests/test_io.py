@@ -54,7 +54,7 @@ def write_prompts(path, **columns):
 
 def test_files_folders_and_globs_are_found_once_each(tmp_path):
     for name in ("a", "b", "c"):
-        write_prompts(tmp_path / "in" / f"{name}.parquet", id=["1"], prompt=["p"])
+        write_prompts(tmp_path / "in" / f"{name}.parquet", id=[name], prompt=["p"])
     (tmp_path / "in" / "notes.txt").write_text("not an input")
     inputs = open_input(InputConfig(paths=[str(tmp_path / "in"), str(tmp_path / "in" / "a.parquet"),
                                            str(tmp_path / "in" / "[bc].parquet")]), NO_S3)

@@ -30,6 +30,7 @@ import ray
 import ray.data
 
 from vqbatch.config import NOOP_MODEL, ComputeConfig, InputConfig, JobConfig, ModelConfig, SamplingConfig
+from vqbatch.faults import ResilientSampler
 from vqbatch.hub import looks_like_hub_id
 from vqbatch.io.dataset import check_output, prepare_output, sampled_table, write_shard
 from vqbatch.io.filesystems import is_s3
@@ -80,6 +81,9 @@ class NoopModel:
         count = len(prompts)
         return np.zeros((count, NOOP_LATENT_PIXELS), np.int64), np.broadcast_to(self.pixels, (count, *self.pixels.shape))
 
+    def prompt_truncated(self, prompts: list[str]) -> list[None]:
+        return [None] * len(prompts)  # no tokenizer: not known
+
 
 def build_model(model: ModelConfig, sampling: SamplingConfig) -> PipelineModel | NoopModel:
     """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`."""
@@ -87,20 +91,35 @@ def build_model(model: ModelConfig, sampling: SamplingConfig) -> PipelineModel |
 
 
 class SampleBatches:
-    """The actor: loads the model once, then samples whole batches of image rows; error rows pass through."""
+    """The actor: loads the model once, then samples whole batches of image rows; error rows pass through.
+
+    Sampling goes through a `ResilientSampler`: a row that fails on its own becomes an error row with its message,
+    and a batch that runs out of memory is sampled in smaller chunks (`vqbatch.faults`).
+    """
 
     def __init__(self, config: JobConfig):
         self.model = build_model(config.model, config.sampling)
+        self.sampler = ResilientSampler(self.sample_rows)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        statuses, prompts, seeds = (rows.column(name).to_pylist() for name in ("status", "prompt", "seed"))
+        statuses, errors, prompts, seeds = (rows.column(name).to_pylist()
+                                            for name in ("status", "error", "prompt", "seed"))
         ok = [position for position, status in enumerate(statuses) if status == "ok"]
-        tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
-        if ok:
-            sampled_tokens, sampled_pixels = self.model.sample([prompts[i] for i in ok], [seeds[i] for i in ok])
-            for position, row_tokens, image in zip(ok, sampled_tokens, sampled_pixels):
-                tokens[position], pixels[position] = row_tokens.tolist(), image
-        return sampled_table(rows, tokens, pixels)
+        tokens, pixels, truncated = [None] * rows.num_rows, [None] * rows.num_rows, [None] * rows.num_rows
+        outcomes = self.sampler([prompts[i] for i in ok], [seeds[i] for i in ok])
+        for position, outcome in zip(ok, outcomes):
+            if outcome.error:
+                statuses[position], errors[position] = "error", outcome.error
+            else:
+                tokens[position], pixels[position], truncated[position] = outcome.value
+        rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
+        rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        return sampled_table(rows, tokens, pixels, truncated)
+
+    def sample_rows(self, prompts: list[str], seeds: list[int]) -> list[tuple[list[int], np.ndarray, bool | None]]:
+        """(tokens, pixels (H, W, 3), prompt truncated) per row."""
+        tokens, pixels = self.model.sample(prompts, seeds)
+        return list(zip(tokens.tolist(), pixels, self.model.prompt_truncated(prompts)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan,
 def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
                   pool: ray.data.ActorPoolStrategy, plan: VersionPlan) -> ray.data.Dataset:
     """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller reports progress per file
+    configure_data_context(ray.data.DataContext.get_current())
     return (
         read_prompts(inputs, config)
         .map_batches(expand_pending_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling,
@@ -193,10 +212,34 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
                      batch_format="pyarrow", batch_size=None)
         .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
-                     num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
+                     num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor, **ACTOR_FAULT_TOLERANCE)
         .map_batches(write_shard_rows, fn_kwargs=dict(config=config, folder=plan.folder),
-                     batch_size=config.output.rows_per_file, batch_format="pyarrow")
+                     batch_size=config.output.rows_per_file, batch_format="pyarrow", **WRITE_FAULT_TOLERANCE)
     )
+
+
+# Faults while running, set deliberately rather than left to Ray's defaults:
+# - An actor process that dies (killed, segfault, node lost) is restarted without limit (`max_restarts=-1`): a long
+#   job on preemptible nodes loses many. The batch it was sampling is retried on a live actor up to
+#   `max_task_retries` times; a batch that kills every actor it lands on then fails the job instead of looping.
+# - Errors the actor raises are not retried (`actor_task_retry_on_errors=False`): `ResilientSampler` already turned
+#   the row-level and out-of-memory ones into error rows or smaller batches, so what is left is not transient.
+# - Writes go through pyarrow's S3 client, which retries transient S3 errors with exponential backoff
+#   (`filesystems.s3_filesystem`); a write task that still fails with an `OSError` runs again (same file names, so
+#   a rerun overwrites rather than duplicates). Reads retry Ray's `retried_io_errors` (throttling, 503, resets).
+# - No block may be dropped (`max_errored_blocks=0`): a row never vanishes silently; the job fails instead.
+ACTOR_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=3)
+WRITE_FAULT_TOLERANCE = dict(max_retries=3, retry_exceptions=[OSError])
+RETRIED_IO_ERRORS = ("AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
+                     "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 500)",
+                     "AWS Error UNKNOWN (HTTP status 503)", "Connection reset by peer")
+
+
+def configure_data_context(context: ray.data.DataContext) -> None:
+    context.enable_progress_bars = False  # the caller reports progress per file
+    context.actor_task_retry_on_errors = False
+    context.max_errored_blocks = 0
+    context.retried_io_errors = sorted(set(context.retried_io_errors) | set(RETRIED_IO_ERRORS))
 
 
 def read_prompts(inputs: InputFiles, config: JobConfig) -> ray.data.Dataset:

@@ -43,13 +43,15 @@ TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's 
 
 # What the sampler hands to the writer: the image rows plus tokens and raw (H, W, C) pixels (null on error rows).
 SAMPLED_SCHEMA = IMAGE_ROW_SCHEMA.append(pa.field("tokens", TOKENS_TYPE)) \
-    .append(pa.field("pixels", pa.binary())).append(pa.field("height", pa.int32())).append(pa.field("width", pa.int32()))
+    .append(pa.field("pixels", pa.binary())).append(pa.field("height", pa.int32())).append(pa.field("width", pa.int32())) \
+    .append(pa.field("prompt_truncated", pa.bool_()))
 
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("image_index", pa.int32()), ("seed", pa.int64()),
     ("tokens", TOKENS_TYPE),
     ("image", pa.string()),  # path relative to the output root; null on error rows
     ("status", pa.string()), ("error", pa.string()),
+    ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
     ("height", pa.int32()), ("width", pa.int32()),
     ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
     ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("image_format", pa.string()),
@@ -69,14 +71,17 @@ class OutputRoot:
         return posixpath.join(self.root, relative)
 
 
-def sampled_table(rows: pa.Table, tokens: list, pixels: list) -> pa.Table:
-    """`rows` (IMAGE_ROW_SCHEMA) with per-row tokens (list of ints or None) and pixels ((H, W, 3) uint8 or None)."""
+def sampled_table(rows: pa.Table, tokens: list, pixels: list, prompt_truncated: list | None = None) -> pa.Table:
+    """`rows` (IMAGE_ROW_SCHEMA) with per-row tokens (list of ints or None) and pixels ((H, W, 3) uint8 or None).
+
+    `prompt_truncated`: per row, whether the tokenizer cut its prompt (None: not known)."""
     sizes = [(None, None) if image is None else image.shape[:2] for image in pixels]
     columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names},
                "tokens": pa.array(tokens, TOKENS_TYPE),
                "pixels": pa.array([None if image is None else image.tobytes() for image in pixels], pa.binary()),
                "height": pa.array([size[0] for size in sizes], pa.int32()),
-               "width": pa.array([size[1] for size in sizes], pa.int32())}
+               "width": pa.array([size[1] for size in sizes], pa.int32()),
+               "prompt_truncated": pa.array(prompt_truncated or [None] * rows.num_rows, pa.bool_())}
     return pa.table(columns, schema=SAMPLED_SCHEMA)
 
 

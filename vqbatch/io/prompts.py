@@ -1,8 +1,17 @@
 """Prompt input: find the Parquet files, check them before any model loads, expand rows into image rows.
 
-Job-level problems (no files, a file that is not Parquet, a missing or mistyped column, no rows at all) raise a
-`ValueError` that says what to fix. Row-level problems (a null id, a null or blank prompt, a seed out of range)
-become image rows with `status="error"` and a message, and the job goes on.
+Job-level problems raise a `ValueError` that says what to fix, before any model loads: no files, a file that is not
+Parquet or has a corrupt page (every file's job columns are read once, whole), a missing or mistyped column (a
+Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, and duplicate ids.
+Duplicate ids are rejected rather than renamed: an id names its images and seeds, so a renamed duplicate would get
+seeds and file names that depend on which file was read first.
+
+Row-level problems become image rows with `status="error"` and a message, and the job goes on: a null id, a null,
+empty or invisible prompt (only whitespace, control and format characters), a seed out of range, and text that is
+not valid UTF-8 (other writers can put any bytes in a Parquet string column, lone UTF-16 surrogates among them;
+such values are kept with their bad bytes escaped as `\\xNN`). Emoji, right-to-left text and control characters
+inside a visible prompt are sampled as given. Prompts longer than the tokenizer's limit are cut by the sampler,
+which marks the row (`prompt_truncated`).
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from __future__ import annotations
 import fnmatch
 import glob as globbing
 import posixpath
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,6 +32,8 @@ from vqbatch.io.filesystems import is_s3, list_files, resolve, to_uri
 from vqbatch.seeds import SEED_LIMIT, image_seed
 
 GLOB_CHARACTERS = "*?["
+DUPLICATES_SHOWN = 5  # duplicate ids named in the job error
+INVISIBLE_CATEGORIES = ("Cc", "Cf")  # Unicode control and format characters (NUL, BEL, zero-width space, RTL mark)
 
 # The image rows the sampler receives: one per (input row, image index).
 IMAGE_ROW_SCHEMA = pa.schema([
@@ -63,7 +76,9 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
     if num_rows == 0:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
-    return InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem))
+    inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem))
+    check_ids_unique(read_ids(inputs, config), config)
+    return inputs
 
 
 def find_parquet_files(patterns: tuple[str, ...], s3: S3Config) -> tuple[pafs.FileSystem, list[str]]:
@@ -111,6 +126,33 @@ def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]
                          "replace or remove it") from None
 
 
+def read_ids(inputs: InputFiles, config: InputConfig) -> Counter:
+    """How often each non-null id occurs; reading every job column whole finds corrupt pages before models load."""
+    counts: Counter = Counter()
+    for path in inputs.paths:
+        try:
+            with inputs.filesystem.open_input_file(path) as stream:
+                for batch in pq.ParquetFile(stream).iter_batches(columns=inputs.columns(config)):
+                    counts.update(value for value in id_keys(batch.column(config.id_column)) if value is not None)
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"cannot read input file {to_uri(inputs.filesystem, path)} as Parquet ({error}); "
+                             "replace or remove it") from None
+    return counts
+
+
+def id_keys(column: pa.Array) -> list:
+    """Integer ids as ints, text ids as their raw bytes (so that text which is not valid UTF-8 still compares)."""
+    return column.cast(raw_bytes_type(column.type)).to_pylist() if is_text(column.type) else column.to_pylist()
+
+
+def check_ids_unique(counts: Counter, config: InputConfig) -> None:
+    duplicates = [(key, count) for key, count in counts.items() if count > 1]
+    if duplicates:
+        shown = ", ".join(f"{shown_text(key)!r} ({count} rows)" for key, count in duplicates[:DUPLICATES_SHOWN])
+        raise ValueError(f"id column {config.id_column!r} has {len(duplicates)} duplicate id(s), e.g. {shown}; "
+                         "ids name each row's images and seeds, so they must be unique across all input files")
+
+
 def check_columns(schema: pa.Schema, config: InputConfig, uri: str) -> None:
     expectations = [("prompt_column", "a string", is_text),
                     ("id_column", "a string or an integer", lambda t: is_text(t) or pa.types.is_integer(t))]
@@ -140,6 +182,36 @@ def is_text(data_type: pa.DataType) -> bool:
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_null(data_type)
 
 
+def raw_bytes_type(text_type: pa.DataType) -> pa.DataType:
+    """The binary type a text column casts to without checking its UTF-8."""
+    return pa.large_binary() if pa.types.is_large_string(text_type) else pa.binary()
+
+
+def shown_text(value) -> str:
+    """Text for messages and output columns: bytes decoded as UTF-8, any bad byte escaped as \\xNN."""
+    return value.decode("utf-8", errors="backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def decoded_column(column: pa.ChunkedArray, name: str) -> tuple[list, list[str | None]]:
+    """A column's Python values, and per value why it is not valid UTF-8 (None if it is, or is not text).
+
+    pyarrow raises on the first bad value when it converts a whole string column, so text is decoded value by
+    value from its raw bytes; a bad value is kept with its bad bytes escaped (`shown_text`).
+    """
+    if not is_text(column.type) or pa.types.is_null(column.type):
+        return column.to_pylist(), [None] * len(column)
+    values, problems = [], []
+    for raw in column.cast(raw_bytes_type(column.type)).to_pylist():
+        try:
+            values.append(None if raw is None else raw.decode("utf-8"))
+            problems.append(None)
+        except UnicodeDecodeError as error:
+            values.append(shown_text(raw))
+            problems.append(f"{name} is not valid UTF-8 ({error.reason} at byte {error.start}: "
+                            f"{raw[error.start:error.end]!r}); stored with its bad bytes escaped")
+    return values, problems
+
+
 def seed_column_present(schemas: dict[str, pa.Schema], config: InputConfig, filesystem: pafs.FileSystem) -> bool:
     holders = [path for path, schema in schemas.items() if config.seed_column in schema.names]
     if holders and len(holders) != len(schemas):
@@ -151,18 +223,20 @@ def seed_column_present(schemas: dict[str, pa.Schema], config: InputConfig, file
 
 def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) -> pa.Table:
     """One image row per (input row, image index), with its seed and its status; see `vqbatch.seeds`."""
-    ids = table.column(config.id_column).to_pylist()
-    prompts = table.column(config.prompt_column).to_pylist()
+    ids, id_problems = decoded_column(table.column(config.id_column), "id")
+    prompts, prompt_problems = decoded_column(table.column(config.prompt_column), "prompt")
     seeds = table.column(config.seed_column).to_pylist() if config.seed_column in table.column_names else None
-    rows = [image_row(row_id, prompt, index, seeds[position] if seeds else None, sampling.base_seed)
+    rows = [image_row(row_id, prompt, index, seeds[position] if seeds else None, sampling.base_seed,
+                      id_problems[position] or prompt_problems[position])
             for position, (row_id, prompt) in enumerate(zip(ids, prompts))
             for index in range(sampling.images_per_prompt)]
     return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
 
 
-def image_row(row_id, prompt, image_index: int, row_seed: int | None, base_seed: int) -> dict:
+def image_row(row_id, prompt, image_index: int, row_seed: int | None, base_seed: int,
+              text_problem: str | None = None) -> dict:
     text_id = "" if row_id is None else str(row_id)
-    problem = row_problem(row_id, prompt, row_seed)
+    problem = text_problem or row_problem(row_id, prompt, row_seed)
     seed = None if problem else image_seed(text_id, image_index, base_seed, row_seed)
     return dict(id=text_id, prompt=prompt, image_index=image_index, seed=seed,
                 status="error" if problem else "ok", error=problem)
@@ -176,6 +250,12 @@ def row_problem(row_id, prompt, row_seed: int | None) -> str | None:
         return "prompt is null"
     if not prompt.strip():
         return "prompt is empty"
+    if is_invisible(prompt):
+        return f"prompt has only whitespace, control and format characters ({prompt[:20]!r}); nothing to draw"
     if row_seed is not None and not 0 <= row_seed < SEED_LIMIT:
         return f"seed {row_seed} is out of range; allowed: integers in [0, 2**63)"
     return None
+
+
+def is_invisible(text: str) -> bool:
+    return all(character.isspace() or unicodedata.category(character) in INVISIBLE_CATEGORIES for character in text)
