@@ -66,9 +66,18 @@ class PipelineModel:
 
         output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
                            guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
-                           timestep_spacing=self.sampling.timestep_spacing, output_type="np",
+                           timestep_spacing=self.sampling.timestep_spacing, output_type="latent",
                            generator=[torch.Generator().manual_seed(seed) for seed in seeds])
-        return output.tokens.cpu().numpy(), to_uint8(output.images)
+        # each image decoded alone: the decoder's rounding then does not depend on the batch it was sampled in
+        images = np.concatenate([self.pipe.decode_tokens(row[None], output_type="np") for row in output.tokens])
+        return output.tokens.cpu().numpy(), to_uint8(images)
+
+    def prompt_truncated(self, prompts: list[str]) -> list[bool]:
+        """Whether the sampler cuts each prompt: its tokens, start and end marks included, pass the tokenizer's limit
+        (77 for CLIP), counted by the loaded model's own tokenizer."""
+        tokenizer = self.pipe.tokenizer
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        return [length > tokenizer.model_max_length for length in lengths]
 
 
 class NoopModel:
