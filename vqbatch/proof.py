@@ -218,9 +218,11 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
     tokens, pixels = regenerate(chosen, source.manifest, batch_size, device)
     location = prepare_output(config.output, s3)
     image_rows, per_file = chosen.select(IMAGE_ROW_SCHEMA.names), config.output.rows_per_file
+    truncated = (chosen.column("prompt_truncated").to_pylist() if "prompt_truncated" in chosen.column_names
+                 else [None] * chosen.num_rows)  # datasets written before the column existed lack it
     shards = [write_shard(sampled_table(image_rows.slice(start, per_file),
                                         [row.tolist() for row in tokens[start:start + per_file]],
-                                        pixels[start:start + per_file]), config)
+                                        pixels[start:start + per_file], truncated[start:start + per_file]), config)
               for start in range(0, chosen.num_rows, per_file)]
     publish(location, shards, source.metadata_uris, config)
     skipped = selected.filter(pc.field("status") != "ok").select(["id", "image_index"]).to_pylist()
