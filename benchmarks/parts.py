@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.pipelines import SIZES, distinct_prompts, pipeline_pair
-from benchmarks.report import Report, Timing, machine, median, timing_of
+from benchmarks.report import Report, machine, median, timing_of
 from vqbatch.pipeline import encode_prompts, guide_, truncate
 
 TRUNCATION_RATE, GUIDANCE_SCALE = 0.86, 5.0
@@ -32,23 +32,22 @@ class Settings:
     seed: int
 
 
-def median_timing(call: Callable[[], object], repeats: int) -> tuple[Timing, object]:
-    call()  # warm-up
-    timings, result = [], None
-    for _ in range(repeats):
-        timing, result = timing_of(call, "cpu")
-        timings.append(timing)
-    return Timing(median([t.wall_s for t in timings]), median([t.cpu_s for t in timings])), result
-
-
 def compare(name: str, reference: Callable[[], object], ours: Callable[[], object], same: Callable, repeats: int,
             what: str) -> dict:
-    reference_timing, theirs = median_timing(reference, repeats)
-    vqbatch_timing, mine = median_timing(ours, repeats)
-    return {"part": name, "reference_ms": 1e3 * reference_timing.wall_s, "vqbatch_ms": 1e3 * vqbatch_timing.wall_s,
-            "speedup": reference_timing.wall_s / vqbatch_timing.wall_s,
-            "speedup_cpu_time": reference_timing.cpu_s / vqbatch_timing.cpu_s, "same_result": bool(same(theirs, mine)),
-            "what": what}
+    """Median timings of both sides, after one warm-up call each, taking turns so that load changes hit both."""
+    reference(), ours()
+    reference_timings, vqbatch_timings = [], []
+    for _ in range(repeats):
+        timing, theirs = timing_of(reference, "cpu")
+        reference_timings.append(timing)
+        timing, mine = timing_of(ours, "cpu")
+        vqbatch_timings.append(timing)
+    reference_s, vqbatch_s = median([t.wall_s for t in reference_timings]), median([t.wall_s for t in vqbatch_timings])
+    reference_cpu_s = median([t.cpu_s for t in reference_timings])
+    vqbatch_cpu_s = median([t.cpu_s for t in vqbatch_timings])
+    return {"part": name, "reference_ms": 1e3 * reference_s, "vqbatch_ms": 1e3 * vqbatch_s,
+            "speedup": reference_s / vqbatch_s, "speedup_cpu_time": reference_cpu_s / vqbatch_cpu_s,
+            "same_result": bool(same(theirs, mine)), "what": what}
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -114,5 +113,5 @@ def run(settings: Settings) -> Report:
     report = Report("parts", asdict(settings), machine("cpu"), columns=[
         "part", "reference_ms", "vqbatch_ms", "speedup", "speedup_cpu_time", "same_result", "what"], rows=rows)
     report.notes += [f"config {settings.size!r}, batch {batch} (2 x {batch} transformer rows with guidance), "
-                     f"float32 on CPU; median of {repeats} timed calls after a warm-up."]
+                     f"float32 on CPU; median of {repeats} timed calls after a warm-up, the two sides taking turns."]
     return report

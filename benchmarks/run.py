@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parts = benchmarks.add_parser("parts", help="each speed change of the sampling loop alone vs the reference")
     add_common(parts)
     parts.add_argument("--batch", type=int, default=4, help="images per step (2x rows with guidance)")
-    parts.add_argument("--repeats", type=int, default=3, help="timed calls per part (median reported)")
+    parts.add_argument("--repeats", type=int, default=5, help="timed calls per part (median reported)")
 
     engine = benchmarks.add_parser("engine", help="images/s of the Ray Data job vs a bare loop over the pipeline")
     add_common(engine)
