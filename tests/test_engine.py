@@ -79,7 +79,7 @@ def test_generate_end_to_end_on_local_ray(tiny_model, tmp_path, capsys):
     errors = [row for row in rows if row["status"] == "error"]
     assert {row["id"] for row in errors} == {"2", "y"} and all(row["error"] == "prompt is empty" for row in errors)
     assert all(row["image"] is None and row["tokens"] is None for row in errors)
-    image_files = [name for _, _, names in os.walk(output / "images") for name in names]
+    image_files = [name for _, _, names in os.walk(output) for name in names if name.endswith(".png")]
     assert len(image_files) == 8
 
 

@@ -28,8 +28,8 @@ STARTUP_LIMIT_S = 300  # a loaded CI machine can take minutes to start Ray and t
 @pytest.fixture
 def job_arguments(tmp_path):
     ids = [f"p{i}" for i in range(PROMPTS)]
-    pq.write_table(pa.table({"id": ids, "prompt": [f"a shape number {i} on a plain background" for i in range(PROMPTS)]}),
-                   tmp_path / "prompts.parquet")
+    prompts = [f"a shape number {i} on a plain background" for i in range(PROMPTS)]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), tmp_path / "prompts.parquet")
     model = write_tiny_checkpoint(tmp_path / "tiny", seed=0)
     return ["--input", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"), "--model", str(model),
             "--steps", "12", "--batch-size", "1", "--rows-per-file", "1", "--num-actors", "1"]

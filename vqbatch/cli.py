@@ -155,8 +155,9 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
                            compute={"batch_size": 8},
                            output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
         code = run_and_report(config, ray_address=None)
-        print(f"look at: {args.output}/images/ (PNG files), {args.output}/metadata/*.parquet (one row per image: "
-              f"id, prompt, seed, tokens, image path, status), {args.output}/manifest.json")
+        version = f"{args.output}/versions/v0001"
+        print(f"look at: {version}/images/ (PNG files), {version}/metadata/*.parquet (one row per image: id, "
+              f"prompt, seed, tokens, image path, status), {args.output}/manifest.json (the published files)")
         return code
 
     parser.set_defaults(run=run)

@@ -93,7 +93,8 @@ def checkpoint_files(filesystem: pafs.FileSystem, root: str) -> dict[str, str]:
         if info.type != pafs.FileType.File or relative.startswith(".") or "/." in relative:
             continue
         if relative.endswith(CONTENT_HASHED_SUFFIXES) and info.size <= MAX_HASHED_BYTES:
-            identity[relative] = "blake2b:" + hashlib.blake2b(read_bytes(filesystem, info.path), digest_size=16).hexdigest()
+            digest = hashlib.blake2b(read_bytes(filesystem, info.path), digest_size=16).hexdigest()
+            identity[relative] = f"blake2b:{digest}"
         else:
             identity[relative] = f"bytes:{info.size}"
     return dict(sorted(identity.items()))
@@ -220,7 +221,9 @@ def staged_files(location: OutputRoot, version: int, fingerprint: Fingerprint) -
 
 def staged_fingerprint(location: OutputRoot, version: int) -> str | None:
     path = location.path(f"{version_folder(version)}/{FINGERPRINT_NAME}")
-    return json.loads(read_bytes(location.filesystem, path))["fingerprint"] if exists(location.filesystem, path) else None
+    if not exists(location.filesystem, path):
+        return None
+    return json.loads(read_bytes(location.filesystem, path))["fingerprint"]
 
 
 def input_keys(inputs: InputFiles, config: JobConfig) -> pa.Table:
@@ -290,8 +293,9 @@ def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig)
 def deduplicated_shards(plan: VersionPlan) -> list[dict]:
     """Summaries of this version's staged files, cut so that each key not held already appears once."""
     location, held = plan.location, set(plan.held)
-    staged = [posixpath.relpath(path, location.root) for path in
-              list_files(location.filesystem, location.path(f"{plan.folder}/{METADATA_DIR}")) if path.endswith(".parquet")]
+    folder = location.path(f"{plan.folder}/{METADATA_DIR}")
+    staged = [posixpath.relpath(path, location.root) for path in list_files(location.filesystem, folder)
+              if path.endswith(".parquet")]
     shards = {}
     for relative in staged:
         table = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=[*KEY_COLUMNS, "status"])
