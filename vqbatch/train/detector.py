@@ -1,10 +1,13 @@
 """A deterministic attribute detector: what an image of shapes shows, read from its pixels, scored against a caption.
 
 Detection: the background is the median border colour; foreground pixels are those far from it; each connected
-foreground component bigger than a speck is one shape. A shape's colour is the palette colour nearest its median
-pixel, its kind comes from its outline (a triangle is much thinner in the top half of its bounding box than in the
-bottom half; a square fills its box, a circle about pi/4 of it), its position is the named position nearest its
-box centre and its size is its box side against the midpoint of the two sizes. Nothing is learned, so the detector cannot be fooled into agreeing with a caption.
+foreground component bigger than a speck is one shape. A shape's colour is the median of its most contrasting
+half of pixels, and its outline is where the image is at least half way from the background to that colour (the
+edge a soft or blurred image still has in the right place). The palette colour nearest its colour names it; its
+kind comes from its outline (a triangle is much thinner in the top half of its bounding box than in the bottom
+half; a square fills its box, a circle about pi/4 of it); its position is the named position nearest its box
+centre and its size is its box side against the midpoint of the two sizes. Nothing is learned, so the detector
+cannot be fooled into agreeing with a caption.
 """
 
 from __future__ import annotations
@@ -59,12 +62,21 @@ def background_colour(image: np.ndarray) -> np.ndarray:
 
 def shape_components(image: np.ndarray, background: np.ndarray) -> list[Component]:
     pixels = image.astype(np.float64)
-    foreground = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE
-    labels = label_components(foreground)
+    contrast = np.linalg.norm(pixels - background, axis=-1)  # (H, W) distance from the background colour
+    labels = label_components(contrast > FOREGROUND_DISTANCE)
     ids, areas = np.unique(labels[labels >= 0], return_counts=True)
     min_area = MIN_AREA_FRACTION * labels.size
-    masks = [labels == i for i, area in zip(ids, areas) if area >= min_area]
-    return [Component(mask, np.median(pixels[mask], axis=0)) for mask in masks]
+    regions = [labels == i for i, area in zip(ids, areas) if area >= min_area]
+    return [half_contrast_component(region, pixels, contrast, background) for region in regions]
+
+
+def half_contrast_component(region: np.ndarray, pixels: np.ndarray, contrast: np.ndarray,
+                            background: np.ndarray) -> Component:
+    """The shape inside a foreground region: its core colour, and the pixels at least half way to that colour."""
+    strong = contrast[region] >= np.median(contrast[region])
+    colour = np.median(pixels[region][strong], axis=0)  # (3,)
+    mask = region & (contrast >= 0.5 * np.linalg.norm(colour - background))
+    return Component(mask, colour)
 
 
 # ---------------------------------------------------------------- components -> attributes
