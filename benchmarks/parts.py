@@ -64,6 +64,7 @@ def same_first_keys(ours) -> Callable:
     return check
 
 
+@torch.no_grad()
 def step_inputs(ours, batch: int, seed: int, t: torch.Tensor):
     """Mid-chain tokens x_t (B, P), the 2B-row text (reference form and vqbatch's cache), and guided log p(x_0)."""
     generator = torch.Generator().manual_seed(seed)
@@ -80,6 +81,7 @@ def step_inputs(ours, batch: int, seed: int, t: torch.Tensor):
 @torch.no_grad()
 def run(settings: Settings) -> Report:
     size = SIZES[settings.size]
+    where = machine("cpu")
     ours, reference = pipeline_pair(size, seed=settings.seed)
     batch, repeats, t = settings.batch, settings.repeats, torch.tensor(size.num_train_timesteps // 2)
     sample, text, text_cache, log_p = step_inputs(ours, batch, settings.seed, t)
@@ -110,7 +112,7 @@ def run(settings: Settings) -> Report:
                 lambda: ours.text_conditions(repeated, 1, guided=True), same_first_keys(ours), repeats,
                 f"{batch} images of one prompt, guided (same_result: first block's cross-attention keys)"),
     ]
-    report = Report("parts", asdict(settings), machine("cpu"), columns=[
+    report = Report("parts", asdict(settings), where, columns=[
         "part", "reference_ms", "vqbatch_ms", "speedup", "speedup_cpu_time", "same_result", "what"], rows=rows)
     report.notes += [f"config {settings.size!r}, batch {batch} (2 x {batch} transformer rows with guidance), "
                      f"float32 on CPU; median of {repeats} timed calls after a warm-up, the two sides taking turns."]
