@@ -45,7 +45,10 @@ def ray_head(tmp_path_factory):
     """A head node with the dashboard (the job server); its address and the environment to talk to it."""
     temp_dir = str(tmp_path_factory.mktemp("rayhead"))
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # the job's `python` must be this interpreter (the cluster's image has vqbatch's dependencies; here, the venv)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     command = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",

@@ -80,8 +80,9 @@ def test_verify_draws_the_same_sample_for_the_same_seed(datasets):
 def test_verify_fails_on_tampered_tokens_and_names_the_row(datasets, tmp_path, capsys):
     copy = tmp_path / "tampered"
     shutil.copytree(datasets["batch1"], copy)
-    metadata_file = copy / read_manifest(OutputRoot(*resolve(str(copy), S3Config())))["metadata_files"][0]["file"]
-    table = pq.read_table(metadata_file)
+    listed = read_manifest(OutputRoot(*resolve(str(copy), S3Config())))["metadata_files"]
+    tables = ((copy / entry["file"], pq.read_table(copy / entry["file"])) for entry in listed)
+    metadata_file, table = next((path, table) for path, table in tables if "ok" in table.column("status").to_pylist())
     rows = table.to_pylist()
     victim = next(row for row in rows if row["status"] == "ok")
     victim["tokens"] = [(victim["tokens"][0] + 1) % CODEBOOK_SIZE, *victim["tokens"][1:]]  # one latent pixel

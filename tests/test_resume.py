@@ -20,7 +20,7 @@ from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
 from vqbatch.io.filesystems import resolve
 from vqbatch.tiny import write_tiny_checkpoint
 
-PROMPTS = 14
+PROMPTS = 40  # long enough that the kill lands before the last file, even on a quiet machine
 FILES_BEFORE_KILL = 3  # metadata files the killed run must have written
 STARTUP_LIMIT_S = 300  # a loaded CI machine can take minutes to start Ray and the actor
 
@@ -32,7 +32,7 @@ def job_arguments(tmp_path):
     pq.write_table(pa.table({"id": ids, "prompt": prompts}), tmp_path / "prompts.parquet")
     model = write_tiny_checkpoint(tmp_path / "tiny", seed=0)
     return ["--input", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"), "--model", str(model),
-            "--steps", "12", "--batch-size", "1", "--rows-per-file", "1", "--num-actors", "1"]
+            "--steps", "30", "--batch-size", "1", "--rows-per-file", "1", "--num-actors", "1"]
 
 
 def start_generate(arguments: list[str]) -> subprocess.Popen:
