@@ -73,14 +73,17 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
     peaks = memory.peaks
     return {"prompts": count, "seconds": summary.seconds, "rows_per_s": count / summary.seconds,
             "metadata_files": summary.metadata_files, "driver_peak_mib": peaks.driver_mib,
-            "largest_worker_peak_mib": peaks.largest_worker_mib, "workers_peak_mib": peaks.workers_total_mib,
+            "largest_worker_peak_mib": peaks.largest_worker_mib,
+            "largest_worker_private_peak_mib": peaks.largest_worker_private_mib,
+            "workers_peak_mib": peaks.workers_total_mib, "workers_private_peak_mib": peaks.workers_private_mib,
             "tree_peak_mib": peaks.tree_total_mib, "worker_processes": peaks.workers_seen}
 
 
 def run(settings: Settings) -> Report:
     report = Report("dataplane", asdict(settings), machine("cpu"), columns=[
-        "prompts", "seconds", "rows_per_s", "driver_peak_mib", "largest_worker_peak_mib", "workers_peak_mib",
-        "tree_peak_mib", "worker_processes"])
+        "prompts", "seconds", "rows_per_s", "driver_peak_mib", "largest_worker_peak_mib",
+        "largest_worker_private_peak_mib", "workers_peak_mib", "workers_private_peak_mib", "tree_peak_mib",
+        "worker_processes"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-dataplane-") as scratch:
         for count in settings.row_counts:
             report.rows.append(measure(settings, count, Path(scratch)))
@@ -90,6 +93,8 @@ def run(settings: Settings) -> Report:
         "min_rows_per_s": min(row["rows_per_s"] for row in report.rows),
         "driver_peak_growth": last["driver_peak_mib"] / first["driver_peak_mib"],
         "largest_worker_peak_growth": last["largest_worker_peak_mib"] / first["largest_worker_peak_mib"],
+        "largest_worker_private_peak_growth":
+            last["largest_worker_private_peak_mib"] / first["largest_worker_private_peak_mib"],
     }
     report.notes += [
         f"no-op model ({NOOP_MODEL!r}): 8x8 grey PNG per row; one image per prompt; {settings.batch} rows per actor "
@@ -97,6 +102,7 @@ def run(settings: Settings) -> Report:
         "Parquet files; output on the local disk; the engine's default compute (a fresh local Ray per run).",
         "rows_per_s = prompts / job seconds (Ray already started; actor start, reading, writing and the manifest "
         "included). Memory: peak resident set sampled every 0.25 s; workers_peak_mib sums all Ray worker "
-        "processes (shared object-store pages count once per process that touched them).",
+        "processes (shared object-store pages count once per process that touched them); *_private_* leave shared "
+        "pages out (a worker's own heap).",
     ]
     return report

@@ -18,16 +18,20 @@ MIB = 2**20
 class Peaks:
     driver_mib: float = 0.0  # this process
     largest_worker_mib: float = 0.0  # the largest single Ray worker process
+    largest_worker_private_mib: float = 0.0  # the same, less shared pages (Ray's object store, mapped files)
     workers_total_mib: float = 0.0  # all Ray worker processes together
+    workers_private_mib: float = 0.0  # all Ray worker processes together, less shared pages
     tree_total_mib: float = 0.0  # this process and every descendant (shared pages counted once per process)
     workers_seen: int = 0  # distinct worker processes sampled
 
 
-def resident_mib(process: psutil.Process) -> float | None:
+def resident_mib(process: psutil.Process) -> tuple[float, float] | None:
+    """(resident, private) MiB: private leaves out shared pages, such as Ray's object store that workers map."""
     try:
-        return process.memory_info().rss / MIB
+        memory = process.memory_info()
     except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
         return None
+    return memory.rss / MIB, (memory.rss - getattr(memory, "shared", 0)) / MIB
 
 
 def is_worker(process: psutil.Process) -> bool:
@@ -63,20 +67,23 @@ class PeakMemory:
             self.sample()
 
     def sample(self) -> None:
-        driver = resident_mib(self.driver) or 0.0
+        driver = (resident_mib(self.driver) or (0.0, 0.0))[0]
         workers, others = [], []
         for child in self.driver.children(recursive=True):
-            size = resident_mib(child)
-            if size is None:
+            sizes = resident_mib(child)
+            if sizes is None:
                 continue
             if is_worker(child):
-                workers.append(size)
+                workers.append(sizes)
                 self.workers.add(child.pid)
             else:
-                others.append(size)
+                others.append(sizes[0])
+        resident, private = [rss for rss, _ in workers], [own for _, own in workers]
         p = self.peaks
         p.driver_mib = max(p.driver_mib, driver)
-        p.largest_worker_mib = max(p.largest_worker_mib, max(workers, default=0.0))
-        p.workers_total_mib = max(p.workers_total_mib, sum(workers))
-        p.tree_total_mib = max(p.tree_total_mib, driver + sum(workers) + sum(others))
+        p.largest_worker_mib = max(p.largest_worker_mib, max(resident, default=0.0))
+        p.largest_worker_private_mib = max(p.largest_worker_private_mib, max(private, default=0.0))
+        p.workers_total_mib = max(p.workers_total_mib, sum(resident))
+        p.workers_private_mib = max(p.workers_private_mib, sum(private))
+        p.tree_total_mib = max(p.tree_total_mib, driver + sum(resident) + sum(others))
         p.workers_seen = len(self.workers)
