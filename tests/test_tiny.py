@@ -13,14 +13,6 @@ from vqbatch.tiny import (IMAGE_SIZE, MAX_PROMPT_TOKENS, byte_symbols, learn_mer
                           write_tokenizer_files)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
