@@ -219,6 +219,10 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
         .map_batches(expand_pending_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling,
                                                          done=plan.done),
                      batch_format="pyarrow", batch_size=None)
+        # One block per actor batch: without it an actor call takes a whole input block (a 10k-row file is one
+        # block), and Ray Data hands its output on only when the call ends: no writing overlaps sampling, progress
+        # comes at the end, and the block's pixels pile up in the actor.
+        .repartition(target_num_rows_per_block=config.compute.batch_size)
         .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
                      num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor, **ACTOR_FAULT_TOLERANCE)
