@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     num_heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=4)
     num_timesteps: int = Field(100, ge=2)
-    diffusion_steps: int = Field(1000, ge=0)
+    diffusion_steps: int = Field(3000, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
