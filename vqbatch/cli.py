@@ -151,8 +151,8 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
         from vqbatch.config import JobConfig
         from vqbatch.io.examples import EXAMPLE_PROMPTS
 
-        config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(default_model())},
-                           compute={"batch_size": 8},
+        config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(DEFAULT_MODEL)},
+                           sampling={"guidance_scale": DEFAULT_MODEL_GUIDANCE}, compute={"batch_size": 8},
                            output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
         code = run_and_report(config, ray_address=None)
         version = f"{args.output}/versions/v0001"
@@ -163,23 +163,8 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def default_model() -> Path:
-    """The demo's model: a tiny random checkpoint written once into the vqbatch cache."""
-    import os
-    import shutil
-
-    from vqbatch.hub import cache_root
-    from vqbatch.tiny import write_tiny_checkpoint
-
-    folder = cache_root() / "default-model" / "tiny-seed0"
-    if not folder.is_dir():  # written aside, then renamed: an interrupted first run leaves no half checkpoint
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        write_tiny_checkpoint(partial, seed=0)
-        try:
-            partial.rename(folder)
-        except OSError:  # another first run renamed its copy first
-            shutil.rmtree(partial)
-    return folder
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model"  # trained on the shapes world (vqbatch train)
+DEFAULT_MODEL_GUIDANCE = 1.0  # the shipped model follows prompts best unguided (docs: issue 6 quality table)
 
 
 def run_and_report(config, ray_address: str | None, allow_new_fingerprint: bool = False) -> int:
