@@ -75,7 +75,8 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     drop_rate: float = Field(0.1, ge=0, lt=1)  # share of samples trained with the "no prompt" condition
-    aux_weight: float = Field(0.1, ge=0)  # λ of L_x0; 0.1, not the paper's 5e-4: on a short CPU run the bound alone barely trains large t
+    # λ of L_x0: 0.1, not the paper's 5e-4, since on a short CPU run the bound alone barely trains large t
+    aux_weight: float = Field(0.1, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(20, ge=1)
 
