@@ -58,6 +58,10 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--images-per-prompt", "sampling.images_per_prompt", int, "images per prompt (default 1)"),
     ("--timestep-spacing", "sampling.timestep_spacing", str, "reference (diffusers' last N steps) or skip "
                                                            "(fewer steps over the whole chain)"),
+    ("--sampler", "sampling.sampler", str, "reference (diffusers' sampling) or purity (Improved VQ-Diffusion's "
+                                           "purity prior: surest tokens first)"),
+    ("--prior-weight", "sampling.prior_weight", float, "r of the purity prior, >= 0: sharpens the surest tokens "
+                                                       "(default 0; needs --sampler purity)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
     ("--batch-size", "compute.batch_size", int, "images per actor call (default 8)"),
     ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),

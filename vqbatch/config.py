@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
 
@@ -54,7 +55,19 @@ class SamplingConfig(Section):
     truncation_rate: float = Field(1.0, gt=0, le=1)  # keep the most likely classes holding this probability mass
     images_per_prompt: int = Field(1, ge=1)
     timestep_spacing: Literal["reference", "skip"] = "reference"  # skip: fewer steps spread over the whole chain
+    # purity: Improved VQ-Diffusion's purity prior, the surest tokens unmasked first and kept (schedulers/purity.py)
+    sampler: Literal["reference", "purity"] = "reference"
+    prior_weight: float = Field(0.0, ge=0, allow_inf_nan=False)  # r of the purity prior: sharpens the surest tokens
     base_seed: int = Field(0, ge=0, lt=2**63)  # seeds of rows without their own seed derive from it
+
+    @field_validator("prior_weight")
+    @classmethod
+    def prior_weight_needs_purity(cls, value: float, info: ValidationInfo) -> float:
+        sampler = info.data.get("sampler")
+        if value != 0 and sampler not in (None, "purity"):
+            raise ValueError(f"prior_weight applies only to sampler 'purity' (sampler is {sampler!r}); set "
+                             "sampling.sampler to 'purity' or leave prior_weight at 0")
+        return value
 
 
 class ComputeConfig(Section):

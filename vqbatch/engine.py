@@ -66,7 +66,8 @@ class PipelineModel:
 
         output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
                            guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
-                           timestep_spacing=self.sampling.timestep_spacing, output_type="latent",
+                           timestep_spacing=self.sampling.timestep_spacing, sampler=self.sampling.sampler,
+                           prior_weight=self.sampling.prior_weight, output_type="latent",
                            generator=[torch.Generator().manual_seed(seed) for seed in seeds])
         # each image decoded alone: the decoder's rounding then does not depend on the batch it was sampled in
         images = np.concatenate([self.pipe.decode_tokens(row[None], output_type="np") for row in output.tokens])

@@ -27,6 +27,7 @@ from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
 from vqbatch.models.modeling import PretrainedModel
 from vqbatch.models.transformer import TextCache, VQDiffusionTransformer
 from vqbatch.models.vq_model import VQModel
+from vqbatch.schedulers.purity import DEFAULT_PRIOR_WEIGHT, PurityPriorScheduler, check_sampler
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -207,31 +208,43 @@ class VQDiffusionPipeline:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.LongTensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback: Callable[[int, int, torch.LongTensor], None] | None = None,
-                 callback_steps: int = 1, timestep_spacing: str = "reference") -> ImagePipelineOutput | tuple:
+                 callback_steps: int = 1, timestep_spacing: str = "reference", sampler: str = "reference",
+                 prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> ImagePipelineOutput | tuple:
         """Sample `num_images_per_prompt` images per prompt; images are ordered prompt by prompt.
 
         `generator` is one generator for the whole batch (the reference's random stream) or one per image, so that
         each image depends only on its own generator. `latents` (B, P) are the starting tokens (default: all
         masked). `callback(step, timestep, tokens)` runs every `callback_steps` steps. `timestep_spacing`: "reference"
         runs the last `num_inference_steps` steps of the chain (diffusers' behaviour), "skip" spreads fewer steps
-        over the whole chain (see `VQDiffusionScheduler.set_timesteps`).
+        over the whole chain (see `VQDiffusionScheduler.set_timesteps`). `sampler`: "reference" samples every
+        token at every step (diffusers' behaviour), "purity" unmasks the tokens the model is surest of first and
+        keeps them (Improved VQ-Diffusion's purity prior, `vqbatch.schedulers.purity`), its sampling sharpened by
+        `prior_weight` (r >= 0).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
         check_call_arguments(prompts, num_images_per_prompt, output_type, callback_steps, generator, batch_size)
+        check_sampler(sampler, prior_weight)
         guided = guidance_scale > 1.0
         text = self.text_conditions(prompts, num_images_per_prompt, guided)  # 2B or B rows
         sample = self.initial_tokens(latents, batch_size)  # (B, P)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device, spacing=timestep_spacing)
-        for step, t in enumerate(self.scheduler.timesteps):
+        scheduler = self.sampling_scheduler(sampler, prior_weight)
+        scheduler.set_timesteps(num_inference_steps, device=self.device, spacing=timestep_spacing)
+        for step, t in enumerate(scheduler.timesteps):
             log_p_x_0 = self.predict_log_p_x_0(sample, text, t, guidance_scale if guided else None)
             log_p_x_0 = truncate_(log_p_x_0, truncation_rate).clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
-            sample = self.scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator).prev_sample
+            sample = scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator).prev_sample
             if callback is not None and step % callback_steps == 0:
                 callback(step, t, sample)
         images = None if output_type == "latent" else self.decode_tokens(sample, output_type)
         tokens = sample.cpu()
         return ImagePipelineOutput(images=images, tokens=tokens) if return_dict else (images, tokens)
+
+    def sampling_scheduler(self, sampler: str, prior_weight: float) -> VQDiffusionScheduler:
+        """What steps a call: the pipeline's scheduler, or for sampler="purity" a purity-prior one of the same chain."""
+        if sampler == "purity":
+            return PurityPriorScheduler.from_scheduler(self.scheduler, prior_weight)
+        return self.scheduler
 
     def predict_log_p_x_0(self, sample: torch.LongTensor, text: TextCache, t: torch.Tensor,
                           guidance_scale: float | None) -> torch.Tensor:
