@@ -1,12 +1,17 @@
 """The purity-prior sampler (Improved VQ-Diffusion): its invariants, its randomness, its settings end to end."""
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from vqbatch.cli import GENERATE_FLAGS, build_parser, main
 from vqbatch.config import ModelConfig, SamplingConfig, load_job_config
 from vqbatch.engine import PipelineModel
+from vqbatch.io.dataset import metadata_table, sampled_table
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.pipeline import VQDiffusionPipeline
+from vqbatch.proof import parameter_groups
 from vqbatch.schedulers.purity import PurityPriorScheduler, check_sampler, pixels_to_unmask
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 from vqbatch.tiny import CODEBOOK_SIZE, LATENT_SIZE, write_tiny_checkpoint
@@ -206,6 +211,21 @@ def test_the_cli_flags_set_the_sampler(tmp_path, capsys):
     code = main(["generate", "--input", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out"),
                  "--model", "noop", "--prior-weight", "1"])  # refused before Ray starts
     assert code == 2 and "applies only to sampler 'purity'" in capsys.readouterr().err
+
+
+def test_each_row_records_its_sampler_and_a_rerun_uses_it():
+    config = load_job_config(None, {**JOB, "sampling.sampler": "purity", "sampling.prior_weight": 0.5})
+    rows = pa.table({"id": ["a"], "prompt": ["a red circle"], "image_index": [0], "seed": [7], "status": ["ok"],
+                     "error": [None]}, schema=IMAGE_ROW_SCHEMA)
+    metadata = metadata_table(sampled_table(rows, [[1, 2]], [np.zeros((2, 2, 3), np.uint8)]), ["a.png"], config)
+    assert metadata.select(["sampler", "prior_weight"]).to_pylist() == [{"sampler": "purity", "prior_weight": 0.5}]
+    manifest = {"model": {"dtype": "float32"}, "sampling": SamplingConfig().model_dump(mode="json")}
+    [((_, sampling), positions)] = parameter_groups(metadata, manifest, "cpu")
+    assert (sampling.sampler, sampling.prior_weight, positions) == ("purity", 0.5, [0])
+    older = metadata.drop_columns(["sampler", "prior_weight"])  # written before the columns: the manifest decides
+    manifest["sampling"].update(sampler="purity", prior_weight=2.0)
+    [((_, sampling), _)] = parameter_groups(older, manifest, "cpu")
+    assert (sampling.sampler, sampling.prior_weight) == ("purity", 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
 RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
-PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing")  # one sampler each
+PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing", "sampler",
+                     "prior_weight")  # one sampler each
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,11 +165,12 @@ def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
 def parameter_groups(rows: pa.Table, manifest: dict,
                      device: str) -> Iterator[tuple[tuple[ModelConfig, SamplingConfig], list[int]]]:
     """(model, sampling) configs rebuilt from the stored columns, with the positions of the rows that used them."""
+    names = [name for name in PARAMETER_COLUMNS if name in rows.column_names]  # older datasets lack sampler columns
     groups: dict[tuple, list[int]] = {}
-    for position, key in enumerate(zip(*(rows.column(name).to_pylist() for name in PARAMETER_COLUMNS))):
+    for position, key in enumerate(zip(*(rows.column(name).to_pylist() for name in names))):
         groups.setdefault(key, []).append(position)
     for key, positions in groups.items():
-        stored = dict(zip(PARAMETER_COLUMNS, key))
+        stored = dict(zip(names, key))
         model = ModelConfig(uri=stored.pop("model"), dtype=manifest["model"]["dtype"], device=device)
         yield (model, SamplingConfig(**{**manifest["sampling"], **stored})), positions
 

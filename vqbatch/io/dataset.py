@@ -54,7 +54,8 @@ METADATA_SCHEMA = pa.schema([
     ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
     ("height", pa.int32()), ("width", pa.int32()),
     ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
-    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("image_format", pa.string()),
+    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
+    ("prior_weight", pa.float64()), ("image_format", pa.string()),
 ])
 
 
@@ -109,7 +110,8 @@ def write_image(output: OutputRoot, row: dict, settings: OutputConfig, folder: s
 def metadata_table(sampled: pa.Table, image_paths: list[str | None], config: JobConfig) -> pa.Table:
     constants = {"model": config.model.uri, "steps": config.sampling.steps,
                  "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
-                 "timestep_spacing": config.sampling.timestep_spacing, "image_format": config.output.image_format}
+                 "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
+                 "prior_weight": config.sampling.prior_weight, "image_format": config.output.image_format}
     columns = {name: sampled.column(name) for name in sampled.column_names if name in METADATA_SCHEMA.names}
     columns["image"] = pa.array(image_paths, pa.string())
     for name, value in constants.items():
