@@ -104,11 +104,15 @@ def clip_vocabulary(merges: Iterable[tuple[str, str]]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def write_tokenizer_files(folder: str | Path, num_merges: int = NUM_MERGES) -> Path:
-    """Write vocab.json, merges.txt and the tokenizer config that `CLIPTokenizer.from_pretrained` reads."""
+def write_tokenizer_files(folder: str | Path, num_merges: int = NUM_MERGES, text: str = TRAINING_TEXT) -> Path:
+    """Write vocab.json, merges.txt and the tokenizer config that `CLIPTokenizer.from_pretrained` reads.
+
+    The merges are learned from `text`: a model trained on its own captions passes them, so that their words
+    become single tokens.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    merges = learn_merges(TRAINING_TEXT, num_merges)
+    merges = learn_merges(text, num_merges)
     (folder / "vocab.json").write_text(json.dumps(clip_vocabulary(merges), ensure_ascii=False), encoding="utf-8")
     merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")

@@ -56,10 +56,10 @@ class TrainConfig(BaseModel):
     jitter: float = Field(0.0, ge=0, le=0.05)  # 0: every scene has exactly one image, which the model can learn
     # VQ-VAE
     vq_channels: tuple[int, ...] = (16, 32, 64)  # one per level; 3 levels make 32x32 images 8x8 token grids
-    codebook_size: int = Field(256, ge=2)
+    codebook_size: int = Field(512, ge=2)  # > the ~390 distinct 4x4 patches of the scenes
     vq_embed_dim: int = Field(32, ge=1)
-    vq_steps: int = Field(1500, ge=0)
-    vq_batch_size: int = Field(16, ge=1)
+    vq_steps: int = Field(2500, ge=0)
+    vq_batch_size: int = Field(32, ge=1)
     vq_learning_rate: float = Field(5e-3, gt=0)
     # text encoder
     text_hidden_size: int = Field(64, ge=8)
@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     num_heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=4)
     num_timesteps: int = Field(100, ge=2)
-    diffusion_steps: int = Field(3000, ge=0)
+    diffusion_steps: int = Field(2500, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -82,7 +82,7 @@ class TrainConfig(BaseModel):
 
 
 SMOKE_CONFIG = dict(image_size=16, dataset_size=64, vq_channels=(16, 16, 16), codebook_size=16, vq_embed_dim=8,
-                    vq_steps=40, vq_batch_size=8, vq_learning_rate=1e-2, text_hidden_size=16, text_layers=1,
+                    vq_steps=100, vq_batch_size=8, vq_learning_rate=1e-2, text_hidden_size=16, text_layers=1,
                     text_heads=2, num_layers=1, num_heads=2, head_dim=8, num_timesteps=10, diffusion_steps=30,
                     batch_size=8, warmup_steps=0, checkpoint_every=10, log_every=10, learning_rate=3e-3)
 
@@ -123,13 +123,13 @@ def training_data(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
 def build_models(config: TrainConfig, captions: list[str]) -> Models:
     """Freshly initialised models; the same config gives the same weights."""
     torch.manual_seed(config.seed)
+    vqvae = build_vqvae(image_size=config.image_size, channels=config.vq_channels,
+                        codebook_size=config.codebook_size, embed_dim=config.vq_embed_dim)
     with tempfile.TemporaryDirectory() as folder:
-        tokenizer = build_tokenizer(folder)
+        tokenizer = build_tokenizer(folder, captions)
     text_length = longest_prompt(tokenizer, captions)
     text_encoder = build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, num_layers=config.text_layers,
                                       num_heads=config.text_heads, max_length=text_length)
-    vqvae = build_vqvae(image_size=config.image_size, channels=config.vq_channels,
-                        codebook_size=config.codebook_size, embed_dim=config.vq_embed_dim)
     latent_side = config.image_size // 2 ** (len(config.vq_channels) - 1)
     transformer = VQDiffusionTransformer(
         num_attention_heads=config.num_heads, attention_head_dim=config.head_dim, num_layers=config.num_layers,

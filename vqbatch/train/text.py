@@ -19,12 +19,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
 from vqbatch.pipeline import encode_prompts
-from vqbatch.tiny import write_tokenizer_files
+from vqbatch.tiny import NUM_MERGES, TRAINING_TEXT, write_tokenizer_files
 
 
-def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """The offline CLIP BPE tokenizer of `vqbatch.tiny`, written to `folder` and loaded from it."""
-    return CLIPTokenizer.from_pretrained(write_tokenizer_files(folder), local_files_only=True)
+def build_tokenizer(folder: str | Path, captions: list[str]) -> CLIPTokenizer:
+    """The offline CLIP BPE tokenizer of `vqbatch.tiny`, its merges learned from its general text and `captions`
+    (so every caption word is one token), written to `folder` and loaded from it."""
+    text = TRAINING_TEXT + "\n".join(captions)
+    return CLIPTokenizer.from_pretrained(write_tokenizer_files(folder, 2 * NUM_MERGES, text), local_files_only=True)
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer, *, hidden_size: int, num_layers: int, num_heads: int,
