@@ -1,0 +1,98 @@
+"""`quality`: samplers judged on quality against speed, on a trained shapes model (default: the shipped one).
+
+Every row samples the same evaluation prompts (one-object and two-object captions from a seed training never
+used) with one image per prompt, image i from a generator seeded `seed + i`, and scores the images with the
+attribute detector (`vqbatch.train.detector`). A row is one sampler (the reference chain, or the purity prior of
+Improved VQ-Diffusion), a number of steps spread over the whole chain (`timestep_spacing="skip"`; at the chain's
+length that is the reference chain itself), and a guidance scale. `transformer_calls` counts forwards per image:
+steps, twice with guidance, since the guided branch doubles the rows of each forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.report import Report, machine
+from vqbatch.pipeline import VQDiffusionPipeline
+from vqbatch.train.adherence import evaluation_prompts, generate_and_score
+
+ATTRIBUTES = ("kind", "colour", "position", "size")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    one_object: int
+    two_object: int
+    samplers: tuple[str, ...]
+    step_counts: tuple[int, ...]
+    guidance_scales: tuple[float, ...]
+    prior_weight: float
+    truncation_rate: float
+    batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    steps: int
+    guidance_scale: float
+
+    def call_arguments(self, settings: Settings) -> dict:
+        prior_weight = settings.prior_weight if self.sampler == "purity" else 0.0
+        return dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                    truncation_rate=settings.truncation_rate, timestep_spacing="skip", sampler=self.sampler,
+                    prior_weight=prior_weight)
+
+    def transformer_calls(self) -> int:
+        return self.steps * (2 if self.guidance_scale > 1.0 else 1)
+
+
+def grid(settings: Settings) -> list[Setting]:
+    return [Setting(sampler, steps, guidance) for sampler in settings.samplers
+            for steps in sorted(settings.step_counts, reverse=True) for guidance in settings.guidance_scales]
+
+
+def measure(pipeline: VQDiffusionPipeline, prompts: list[str], setting: Setting, settings: Settings) -> dict:
+    started = time.perf_counter()
+    report = generate_and_score(pipeline, prompts, batch_size=settings.batch, seed=settings.seed,
+                                **setting.call_arguments(settings))
+    seconds = time.perf_counter() - started
+    one, two = report["one_object"], report["two_object"]
+    return {**asdict(setting), "transformer_calls": setting.transformer_calls(),
+            "one_object_all": one["all"], **{f"one_object_{a}": one[a] for a in ATTRIBUTES},
+            "two_object_all": two["all"], "images_per_s": len(prompts) / seconds, "seconds": seconds}
+
+
+def run(settings: Settings) -> Report:
+    pipeline = VQDiffusionPipeline.from_pretrained(settings.model, torch_dtype=torch.float32)
+    prompts = evaluation_prompts(settings.one_object, settings.two_object)
+    report = Report("quality", asdict(settings), machine("cpu"), columns=[
+        "sampler", "steps", "guidance_scale", "transformer_calls", "one_object_all", "two_object_all",
+        *(f"one_object_{a}" for a in ATTRIBUTES), "images_per_s"])
+    for setting in grid(settings):
+        report.rows.append(measure(pipeline, prompts, setting, settings))
+        print(report.rows[-1], flush=True)
+    report.summary = fewer_calls_summary(report.rows)
+    report.notes.append(f"{settings.one_object} one-object and {settings.two_object} two-object prompts; adherence "
+                        "is the share of images with every attribute right (by the detector), per group.")
+    return report
+
+
+def fewer_calls_summary(rows: list[dict]) -> dict:
+    """The best reference-sampler row at the most steps, and the best row with at most a quarter of its calls."""
+    longest = max(row["steps"] for row in rows)
+    baseline = max((r for r in rows if r["sampler"] == "reference" and r["steps"] == longest),
+                   key=lambda r: r["one_object_all"], default=None)
+    if baseline is None:
+        return {}
+    cheap = [r for r in rows if 4 * r["transformer_calls"] <= baseline["transformer_calls"]]
+    best = max(cheap, key=lambda r: r["one_object_all"], default=None)
+    summary = {"baseline": baseline, "best_with_4x_fewer_calls": best}
+    if best is not None:
+        summary["gap_points"] = round(100 * (baseline["one_object_all"] - best["one_object_all"]), 1)
+    return summary
