@@ -5,17 +5,21 @@ reference's random stream), and run the same number of steps with classifier-fre
 batch size gets one untimed warm-up call per pipeline, then `repeats` timed calls, reference and vqbatch taking
 turns so that a change in the machine's load hits both alike. The reference does not return its tokens: a step
 callback keeps the last sample, which is the reference's final token grid.
+
+With `compile` set, a third pipeline takes its turn: vqbatch with its transformer compiled
+(`VQDiffusionPipeline.compile_transformer(mode)`) on another copy of the same weights; its warm-up call compiles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.pipelines import (SIZES, ModelSize, Sampling, distinct_prompts, pipeline_pair, reference_tokens,
-                                  transformer_parameters, vqbatch_tokens)
-from benchmarks.report import Report, machine, median, timing_of
+from benchmarks.pipelines import (SIZES, ModelSize, Sampling, distinct_prompts, matching_pipeline, pipeline_pair,
+                                  reference_tokens, transformer_parameters, vqbatch_tokens)
+from benchmarks.report import Report, machine, median, seconds_of, timing_of
 from vqbatch.tiny import MAX_PROMPT_TOKENS
 
 WARMUP_STEPS = 2  # the warm-up call runs the same batch through this many steps (t = 1 and the t = 0 shortcut)
@@ -36,6 +40,7 @@ class Settings:
     device: str
     dtype: str
     seed: int
+    compile: str | None = None  # torch.compile mode of a third, compiled vqbatch pipeline; None: no such pipeline
 
     @property
     def sampling(self) -> Sampling:
@@ -66,48 +71,75 @@ def peak_tflops(device: str, dtype: torch.dtype) -> float | None:
     return next((peak for key, peak in PEAK_HALF_TFLOPS.items() if key in name), None)
 
 
-def measure_batch(ours, reference, batch: int, settings: Settings) -> dict:
-    prompts, sampling = distinct_prompts(batch), settings.sampling
-    reference_tokens(reference, prompts, WARMUP_STEPS, sampling)
-    vqbatch_tokens(ours, prompts, WARMUP_STEPS, sampling)
-    reference_times, vqbatch_times, same = [], [], True
+# Sampling call of one side: (prompts, steps) -> final tokens (B, P)
+Side = Callable[[list[str], int], torch.Tensor]
+PREFIXES = {"vqbatch": "", "compiled": "compiled_"}  # the result keys of each side measured against the reference
+
+
+def measure_batch(sides: dict[str, Side], batch: int, settings: Settings) -> dict:
+    """One warm-up call per side, then `repeats` rounds in which every side takes its turn; "reference" first."""
+    prompts = distinct_prompts(batch)
+    warmup_s = {name: seconds_of(lambda: side(prompts, WARMUP_STEPS), settings.device)[0]
+                for name, side in sides.items()}
+    timings = {name: [] for name in sides}
+    same = dict.fromkeys(sides, True)
     for _ in range(settings.repeats):
-        timing, theirs = timing_of(lambda: reference_tokens(reference, prompts, settings.steps, sampling),
-                                   settings.device)
-        reference_times.append(timing)
-        timing, mine = timing_of(lambda: vqbatch_tokens(ours, prompts, settings.steps, sampling), settings.device)
-        vqbatch_times.append(timing)
-        same = same and torch.equal(theirs, mine)
-    reference_s, vqbatch_s = median([t.wall_s for t in reference_times]), median([t.wall_s for t in vqbatch_times])
-    reference_cpu_s = median([t.cpu_s for t in reference_times])
-    vqbatch_cpu_s = median([t.cpu_s for t in vqbatch_times])
-    return {"batch": batch, "steps": settings.steps, "reference_s": reference_s, "vqbatch_s": vqbatch_s,
-            "reference_images_per_s": batch / reference_s, "vqbatch_images_per_s": batch / vqbatch_s,
-            "speedup": reference_s / vqbatch_s, "speedup_cpu_time": reference_cpu_s / vqbatch_cpu_s,
-            "same_tokens": same, "reference_cpu_s": reference_cpu_s, "vqbatch_cpu_s": vqbatch_cpu_s,
-            "reference_times_s": [t.wall_s for t in reference_times],
-            "vqbatch_times_s": [t.wall_s for t in vqbatch_times]}
+        tokens = {}
+        for name, side in sides.items():
+            timing, tokens[name] = timing_of(lambda: side(prompts, settings.steps), settings.device)
+            timings[name].append(timing)
+        same = {name: same[name] and torch.equal(tokens[name], tokens["reference"]) for name in sides}
+    row = {"batch": batch, "steps": settings.steps}
+    for name in sides:
+        row[f"{name}_s"] = median([t.wall_s for t in timings[name]])
+        row[f"{name}_images_per_s"] = batch / row[f"{name}_s"]
+        row[f"{name}_cpu_s"] = median([t.cpu_s for t in timings[name]])
+        row[f"{name}_times_s"] = [t.wall_s for t in timings[name]]
+        row[f"{name}_warmup_s"] = warmup_s[name]
+    for name, prefix in PREFIXES.items():
+        if name in sides:
+            row[f"{prefix}speedup"] = row["reference_s"] / row[f"{name}_s"]
+            row[f"{prefix}speedup_cpu_time"] = row["reference_cpu_s"] / row[f"{name}_cpu_s"]
+            row[f"{prefix}same_tokens"] = same[name]
+    return row
 
 
 def add_utilisation(row: dict, size: ModelSize, settings: Settings, peak: float | None) -> None:
     flops_per_image = transformer_flops_per_image_step(size, settings.guidance_scale > 1) * settings.steps
-    for name in ("reference", "vqbatch"):
+    for name in ("reference", "vqbatch", "compiled"):
+        if f"{name}_images_per_s" not in row:
+            continue
         achieved_tflops = row[f"{name}_images_per_s"] * flops_per_image / 1e12
         row[f"{name}_gflops"] = achieved_tflops * 1e3
         if peak:
             row[f"{name}_mfu"] = achieved_tflops / peak
 
 
-def run(settings: Settings) -> Report:
-    size = SIZES[settings.size]
+def pipelines(settings: Settings, size: ModelSize) -> dict[str, Side]:
+    """The sides to time: the reference, vqbatch, and with `settings.compile` vqbatch compiled."""
     dtype = getattr(torch, settings.dtype)
     ours, reference = pipeline_pair(size, settings.device, dtype, settings.seed)
-    peak = peak_tflops(settings.device, dtype)
+    sampling = settings.sampling
+    sides = {"reference": lambda prompts, steps: reference_tokens(reference, prompts, steps, sampling),
+             "vqbatch": lambda prompts, steps: vqbatch_tokens(ours, prompts, steps, sampling)}
+    if settings.compile:
+        compiled = matching_pipeline(reference).to(settings.device, dtype).compile_transformer(settings.compile)
+        sides["compiled"] = lambda prompts, steps: vqbatch_tokens(compiled, prompts, steps, sampling)
+    return sides
+
+
+def run(settings: Settings) -> Report:
+    size = SIZES[settings.size]
+    sides = pipelines(settings, size)
+    peak = peak_tflops(settings.device, getattr(torch, settings.dtype))
+    compiled_columns = ["compiled_images_per_s", "compiled_speedup", "compiled_speedup_cpu_time",
+                        "compiled_same_tokens"] if settings.compile else []
     report = Report("model", asdict(settings), machine(settings.device), columns=[
         "batch", "steps", "reference_images_per_s", "vqbatch_images_per_s", "speedup", "speedup_cpu_time",
-        "same_tokens", "reference_gflops", "vqbatch_gflops"] + (["reference_mfu", "vqbatch_mfu"] if peak else []))
+        "same_tokens", *compiled_columns, "reference_gflops", "vqbatch_gflops"]
+        + (["reference_mfu", "vqbatch_mfu"] if peak else []))
     for batch in settings.batch_sizes:
-        row = measure_batch(ours, reference, batch, settings)
+        row = measure_batch(sides, batch, settings)
         add_utilisation(row, size, settings, peak)
         report.rows.append(row)
     report.summary = {
@@ -117,6 +149,9 @@ def run(settings: Settings) -> Report:
         "min_speedup": min(row["speedup"] for row in report.rows),
         "all_same_tokens": all(row["same_tokens"] for row in report.rows),
     }
+    if settings.compile:
+        report.summary["compiled_min_speedup"] = min(row["compiled_speedup"] for row in report.rows)
+        report.summary["compiled_all_same_tokens"] = all(row["compiled_same_tokens"] for row in report.rows)
     report.notes += [
         f"config {size.name!r}: transformer {transformer_parameters(size) / 1e6:.1f} M parameters, "
         f"{size.latent_side}x{size.latent_side} latents, {size.num_classes} classes; {settings.dtype} on "
@@ -128,4 +163,8 @@ def run(settings: Settings) -> Report:
         "GFLOP/s counts the transformer's matmul and attention work only"
         + (f"; MFU against a {peak:g} TFLOP/s dense half-precision peak." if peak else "."),
     ]
+    if settings.compile:
+        report.notes.append(f"compiled_*: vqbatch with its transformer compiled (torch.compile mode "
+                            f"{settings.compile!r}, one static graph per batch size, compiled in the untimed "
+                            "warm-up: compiled_warmup_s in the JSON), against the same reference calls.")
     return report

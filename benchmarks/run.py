@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vqbatch.pipeline import COMPILE_MODES
+
 # Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {
     "tiny": dict(steps=4, batch_sizes=(1, 2), device="cpu", dtype="float32", sampler_batch=1,
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--repeats", type=int, default=1, help="timed calls per batch size (median reported)")
     model.add_argument("--guidance-scale", type=float, default=5.0)
     model.add_argument("--truncation-rate", type=float, default=0.86)
+    model.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                       help="also time vqbatch with its transformer compiled: torch.compile mode (default mode: "
+                            f"default; one of {', '.join(COMPILE_MODES)})")
 
     sampler = benchmarks.add_parser("sampler", help="time against steps of the fewer-step sampler")
     add_common(sampler)
@@ -103,8 +108,8 @@ def run_model(args: argparse.Namespace):
                               guidance_scale=args.guidance_scale, truncation_rate=args.truncation_rate,
                               batch_sizes=args.batch_sizes or defaults["batch_sizes"], repeats=args.repeats,
                               device=args.device or defaults["device"], dtype=args.dtype or defaults["dtype"],
-                              seed=args.seed)
-    return model.run(settings), f"model-{args.config}"
+                              seed=args.seed, compile=args.compile)
+    return model.run(settings), f"model-{args.config}" + ("-compiled" if args.compile else "")
 
 
 def run_sampler(args: argparse.Namespace):

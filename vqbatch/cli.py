@@ -63,10 +63,15 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--prior-weight", "sampling.prior_weight", float, "r of the purity prior, >= 0: sharpens the surest tokens "
                                                        "(default 0; needs --sampler purity)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
-    ("--batch-size", "compute.batch_size", int, "images per actor call (default 8)"),
+    ("--batch-size", "compute.batch_size", str, "images per actor call (default 8), or auto: the largest batch "
+                                                "that fits --memory-fraction of an actor's memory, measured"),
+    ("--memory-fraction", "compute.memory_fraction", float, "share of an actor's memory --batch-size auto may fill "
+                                                          "(default 0.8)"),
     ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
     ("--cpus-per-actor", "compute.cpus_per_actor", float, "CPUs per actor (default 1)"),
     ("--dtype", "model.dtype", str, "float32, float16 or bfloat16 (default float32)"),
+    ("--compile", "model.compile", str, "torch.compile the transformer: default, reduce-overhead (CUDA graphs), "
+                                        "max-autotune or max-autotune-no-cudagraphs (default: not compiled)"),
     ("--image-format", "output.image_format", str, "png, jpeg or webp (default png)"),
     ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
     ("--rows-per-file", "output.rows_per_file", int, "rows per metadata Parquet file (default 1000)"),

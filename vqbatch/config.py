@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
@@ -47,6 +47,9 @@ class ModelConfig(Section):
     uri: str = Field(min_length=1)  # checkpoint folder, s3:// URI, hub id, or "noop"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
+    # torch.compile mode of the transformer (VQDiffusionPipeline.compile_transformer); None: not compiled.
+    # reduce-overhead adds CUDA graphs (GPU). Each batch size compiles once per actor, on its first batch.
+    compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
 
 class SamplingConfig(Section):
@@ -75,7 +78,10 @@ class ComputeConfig(Section):
     max_actors: int | None = Field(None, ge=1)  # None: one per GPU, or every CPU but one
     gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)  # images sampled together by one actor call
+    # images sampled together by one actor call; "auto": the largest batch that fits memory_fraction of an actor's
+    # memory, measured once before the job starts (vqbatch/batch_size.py)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 8
+    memory_fraction: float = Field(0.8, gt=0, le=1)  # of the GPU's memory (or the actor's share of the node's RAM)
 
     @model_validator(mode="after")
     def pool_is_not_inverted(self) -> "ComputeConfig":

@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
+from vqbatch.batch_size import probe_batch_size
 from vqbatch.config import NOOP_MODEL, ComputeConfig, InputConfig, JobConfig, ModelConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
 from vqbatch.hub import looks_like_hub_id
@@ -55,9 +56,11 @@ class PipelineModel:
 
         from vqbatch.pipeline import VQDiffusionPipeline
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
         self.pipe = VQDiffusionPipeline.from_pretrained(model.uri, torch_dtype=getattr(torch, model.dtype),
-                                                        device=device)
+                                                        device=self.device)
+        if model.compile:
+            self.pipe.compile_transformer(model.compile)
         self.sampling = sampling
 
     def sample(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +86,8 @@ class PipelineModel:
 
 class NoopModel:
     """No model at all: zero tokens and a fixed tiny grey image per row, to measure the data plane alone."""
+
+    device = "cpu"  # where auto batch sizing measures it: no activations, so it gets the largest batch
 
     def __init__(self, model: ModelConfig, sampling: SamplingConfig):
         self.pixels = np.full((NOOP_IMAGE_SIZE, NOOP_IMAGE_SIZE, 3), 128, np.uint8)
@@ -202,6 +207,7 @@ def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan,
     """Start Ray, ready the output and the version's folder, and write the pending rows' files into it."""
     connect_ray(ray_address)
     num_gpus, pool = actor_pool(config.compute)
+    config = resolve_batch_size(config, num_gpus)
     prepare_output(config.output, config.s3)
     start_version(plan)
     started, images_done = time.monotonic(), 0
@@ -290,6 +296,18 @@ def actor_pool(compute: ComputeConfig) -> tuple[float, ray.data.ActorPoolStrateg
         check_cpu_left(compute, compute.max_actors or default_size, cpus)
     max_size = compute.max_actors or max(default_size, compute.min_actors)
     return gpus_per_actor, ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=max_size)
+
+
+def resolve_batch_size(config: JobConfig, num_gpus: float) -> JobConfig:
+    """`config` with a number for `compute.batch_size: auto`: measured once, before any actor starts, by a Ray task
+    holding one actor's resources (`vqbatch.batch_size`); blocks are then cut to that size like any other."""
+    if config.compute.batch_size != "auto":
+        return config
+    probe = ray.remote(max_calls=1)(probe_batch_size)  # its worker then exits: the memory goes back to the actors
+    probe = probe.options(num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
+    batch_size = ray.get(probe.remote(config, build_model))
+    print(f"vqbatch: batch size {batch_size}, chosen from memory", file=sys.stderr)
+    return config.model_copy(update={"compute": config.compute.model_copy(update={"batch_size": batch_size})})
 
 
 def check_cpu_left(compute: ComputeConfig, max_actors: int, cpus: float) -> None:

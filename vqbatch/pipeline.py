@@ -31,6 +31,7 @@ from vqbatch.schedulers.purity import DEFAULT_PRIOR_WEIGHT, PurityPriorScheduler
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 LOG_ZERO_FLOOR = -70.0  # log-probabilities are clamped here so that log(0) = -inf never reaches the scheduler
 
 
@@ -175,6 +176,7 @@ class VQDiffusionPipeline:
         self.transformer = transformer.eval()
         self.scheduler = scheduler
         self.learned_classifier_free_sampling_embeddings = learned_classifier_free_sampling_embeddings.eval()
+        self.cuda_graphs = False  # set by compile_transformer(mode="reduce-overhead")
 
     @property
     def components(self) -> dict[str, object]:
@@ -199,6 +201,21 @@ class VQDiffusionPipeline:
 
     def models(self) -> list[torch.nn.Module]:
         return [self.vqvae, self.text_encoder, self.transformer, self.learned_classifier_free_sampling_embeddings]
+
+    def compile_transformer(self, mode: str = "default") -> "VQDiffusionPipeline":
+        """Run the transformer's forward through `torch.compile` from now on (inductor); returns the pipeline.
+
+        Shapes are static: each batch size compiles once, on its first call (a minute or two on a CPU). `mode` is
+        torch.compile's: "reduce-overhead" also replays each step as a CUDA graph (GPU only; the static shapes make
+        that valid), "max-autotune" also searches matrix-product kernels. The compiled forward fuses the elementwise
+        work, so its log-probabilities may differ from the eager ones in the last bits, and with them, rarely, a
+        sampled token; `benchmarks.run model --compile` checks the tokens against the reference.
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(map(repr, COMPILE_MODES))}, got {mode!r}")
+        self.transformer.compile(mode=mode, dynamic=False)
+        self.cuda_graphs = mode == "reduce-overhead"
+        return self
 
     # ----------------------------------------------------------------------------------------- generation
 
@@ -249,6 +266,8 @@ class VQDiffusionPipeline:
     def predict_log_p_x_0(self, sample: torch.LongTensor, text: TextCache, t: torch.Tensor,
                           guidance_scale: float | None) -> torch.Tensor:
         """log p(x_0 | x_t, y), guided when `guidance_scale` is given: one forward over the doubled batch."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up: their buffers may go
         if guidance_scale is None:
             return self.transformer(sample, timestep=t, text_cache=text)  # (B, K-1, P)
         both = self.transformer(torch.cat([sample, sample]), timestep=t, text_cache=text)  # (2B, K-1, P)
