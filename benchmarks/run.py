@@ -1,4 +1,4 @@
-"""Run one benchmark: `python -m benchmarks.run <model|sampler|parts|engine|dataplane> [options]`.
+"""Run one benchmark: `python -m benchmarks.run <model|sampler|parts|engine|dataplane|quality> [options]`.
 
 Each prints its results as JSON and as a markdown table and writes both to `--out` as `<name>-<config>.json|.md`.
 Defaults per `--config` keep the small runs to minutes on a 2-core CPU; see docs/performance.md.
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="prompt counts, comma-separated (default 10000,100000,1000000)")
     dataplane.add_argument("--batch", type=int, default=1000, help="rows per actor call")
     dataplane.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file")
+    quality = benchmarks.add_parser("quality", help="samplers x steps x guidance -> prompt adherence and images/s")
+    add_common(quality, sizes=False)
+    quality.add_argument("--model", help="a trained shapes checkpoint (default: the shipped default model)")
+    quality.add_argument("--one-object", type=int, default=200, help="one-object evaluation prompts (default 200)")
+    quality.add_argument("--two-object", type=int, default=100, help="two-object evaluation prompts (default 100)")
+    quality.add_argument("--samplers", default="reference,purity",
+                         help="comma-separated: reference, purity (default both)")
+    quality.add_argument("--step-counts", type=integers, default=(100, 50, 25, 10),
+                         help="steps over the whole chain, comma-separated (default 100,50,25,10)")
+    quality.add_argument("--guidance-scales", default="1,3", help="comma-separated (default 1,3)")
+    quality.add_argument("--prior-weight", type=float, default=1.0, help="the purity sampler's prior_weight")
+    quality.add_argument("--truncation-rate", type=float, default=1.0)
+    quality.add_argument("--batch", type=int, default=50, help="images per pipeline call")
+    quality.add_argument("--seed", type=int, default=0, help="image i is sampled with seed + i")
     return parser
 
 
@@ -147,8 +161,21 @@ def run_dataplane(args: argparse.Namespace):
     return dataplane.run(settings), "dataplane"
 
 
+def run_quality(args: argparse.Namespace):
+    from benchmarks import quality
+    from vqbatch.cli import DEFAULT_MODEL
+
+    settings = quality.Settings(model=args.model or str(DEFAULT_MODEL), one_object=args.one_object,
+                                two_object=args.two_object, samplers=tuple(args.samplers.split(",")),
+                                step_counts=args.step_counts,
+                                guidance_scales=tuple(float(g) for g in args.guidance_scales.split(",")),
+                                prior_weight=args.prior_weight, truncation_rate=args.truncation_rate,
+                                batch=args.batch, seed=args.seed)
+    return quality.run(settings), "quality"
+
+
 RUNNERS = {"model": run_model, "sampler": run_sampler, "parts": run_parts, "engine": run_engine,
-           "dataplane": run_dataplane}
+           "dataplane": run_dataplane, "quality": run_quality}
 
 if __name__ == "__main__":
     main()
