@@ -19,10 +19,20 @@ class Peaks:
     driver_mib: float = 0.0  # this process
     largest_worker_mib: float = 0.0  # the largest single Ray worker process
     largest_worker_private_mib: float = 0.0  # the same, less shared pages (Ray's object store, mapped files)
+    largest_worker_name: str = ""  # the process name (`ray::<task or actor>`) of the largest private peak
     workers_total_mib: float = 0.0  # all Ray worker processes together
     workers_private_mib: float = 0.0  # all Ray worker processes together, less shared pages
     tree_total_mib: float = 0.0  # this process and every descendant (shared pages counted once per process)
     workers_seen: int = 0  # distinct worker processes sampled
+
+
+def process_name(process: psutil.Process) -> str:
+    """Ray's title for a worker (`ray::MapWorker(MapBatches(SampleBatches))`): the first word of its command line
+    (`name()` is cut at 15 characters)."""
+    try:
+        return " ".join(process.cmdline()[:1]).split(" ")[0]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
 
 def resident_mib(process: psutil.Process) -> tuple[float, float] | None:
@@ -76,6 +86,8 @@ class PeakMemory:
             if is_worker(child):
                 workers.append(sizes)
                 self.workers.add(child.pid)
+                if sizes[1] > self.peaks.largest_worker_private_mib:
+                    self.peaks.largest_worker_name = process_name(child)
             else:
                 others.append(sizes[0])
         resident, private = [rss for rss, _ in workers], [own for _, own in workers]

@@ -1,5 +1,6 @@
 """Input discovery and validation, image rows, image files, the dataset writer; local files and a moto S3 server."""
 
+import io
 import os
 import socket
 
@@ -8,13 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from vqbatch.config import InputConfig, S3Config, load_job_config
 from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, METADATA_SCHEMA, SUCCESS_NAME, OutputRoot, prepare_output,
                                 publish, read_manifest, read_metadata, sampled_table, write_shard)
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
-from vqbatch.io.images import decode_image, encode_image, image_path
+from vqbatch.io.images import decode_image, encode_image, image_path, png_bytes
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, open_input
 from vqbatch.seeds import image_seed
 
@@ -152,6 +154,21 @@ def test_images_encode_and_decode(image_format):
     assert decoded.shape == pixels.shape
     if image_format == "png":
         np.testing.assert_array_equal(decoded, pixels)
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
+def test_png_bytes_are_lossless_pngs_that_pil_reads(channels, mode):
+    pixels = np.random.default_rng(1).integers(0, 256, (7, 5, channels), dtype=np.uint8)
+    image = Image.open(io.BytesIO(png_bytes(pixels)))
+    assert (image.format, image.mode, image.size) == ("PNG", mode, (5, 7))
+    np.testing.assert_array_equal(np.asarray(image).reshape(pixels.shape), pixels)
+
+
+def test_png_bytes_refuse_other_pixels():
+    with pytest.raises(ValueError, match="1, 3 or 4 channels; got uint8 with 2"):
+        png_bytes(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(ValueError, match="got float32"):
+        png_bytes(np.zeros((2, 2, 3), np.float32))
 
 
 def test_image_names_are_stable_distinct_and_safe():

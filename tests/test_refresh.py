@@ -14,7 +14,9 @@ from vqbatch.engine import refresh, run_job
 from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata, sampled_table, write_shard
 from vqbatch.io.filesystems import resolve
 from vqbatch.io.prompts import expand_rows, open_input
-from vqbatch.io.versions import FINGERPRINT_NAME, generation_fingerprint, plan_version, start_version
+from vqbatch.io import versions
+from vqbatch.io.versions import (FINGERPRINT_NAME, drop_done, generation_fingerprint, key_strings, plan_version,
+                                 start_version)
 from vqbatch.tiny import write_tiny_checkpoint
 
 
@@ -142,3 +144,35 @@ def test_a_stale_stage_of_another_fingerprint_is_discarded(tmp_path):
     assert (new_plan.version, new_plan.pending, new_plan.staged) == (1, 1, ())  # the stale file is not adopted
     start_version(new_plan)
     assert not (tmp_path / "out" / plan.folder / "metadata").exists()
+
+
+@pytest.mark.parametrize("colliding_hashes", [False, True])
+def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatch, colliding_hashes):
+    """Held key a, staged files (a, b) and (b, c): version 2 adds b and c once. With every key hash equal, the
+    exact comparison behind the hashes must give the same answer."""
+    if colliding_hashes:
+        monkeypatch.setattr(versions, "key_hashes", lambda keys: np.zeros(len(keys), np.int64))
+    output = tmp_path / "out"
+    settings = {"sampling.images_per_prompt": 1, "output.mode": "refresh"}
+    refresh(job([write_prompts(tmp_path / "first.parquet", ["a"])], output, "noop", **settings))
+    config = job([write_prompts(tmp_path / "all.parquet", ["a", "b", "c"])], output, "noop", **settings)
+    plan = plan_version(config, open_input(config.input, config.s3))
+    assert (plan.version, plan.pending) == (2, 2)
+    start_version(plan)
+    rows = expand_rows(pq.read_table(tmp_path / "all.parquet"), config.input, config.sampling)
+    sampled = sampled_table(rows, [[1]] * rows.num_rows, [np.full((2, 2, 3), 5, np.uint8)] * rows.num_rows)
+    write_shard(sampled.slice(0, 2), config, plan.folder)  # keys a (held), b
+    write_shard(sampled.slice(1, 2), config, plan.folder)  # keys b (again), c
+
+    summary = refresh(config)
+    assert (summary.version, summary.rows, summary.ok) == (2, 2, 2)
+    keys, _ = keys_of(output)
+    assert sorted(keys) == [("a", 0), ("b", 0), ("c", 0)]
+
+
+def test_drop_done_compares_whole_keys_even_when_ids_hold_nul():
+    rows = pa.table({"id": ["a\x001", "a", "a", "b"], "image_index": pa.array([0, 10, 1, 1], pa.int32())})
+    done = key_strings(pa.table({"id": ["a", "b"], "image_index": pa.array([10, 0], pa.int32())}))
+    assert drop_done(rows, done).to_pylist() == [{"id": "a\x001", "image_index": 0}, {"id": "a", "image_index": 1},
+                                                 {"id": "b", "image_index": 1}]
+    assert drop_done(rows, pa.array([], pa.string())) is rows

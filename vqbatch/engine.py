@@ -1,7 +1,8 @@
 """The Ray Data job: read prompts -> expand to image rows -> sample on an actor pool -> write images and metadata.
 
-    read_parquet(input files)                          read tasks (CPU)
-      -> map_batches(expand_pending_rows)              one row per (prompt, image index) the output lacks, seed, status
+    from_items(input file paths)                       one block per input file
+      -> map_batches(read_pending_rows)                read tasks (CPU): one row per (prompt, image index) the output
+                                                       lacks, with its seed and status
       -> map_batches(SampleBatches, actor pool)        the model, loaded once per actor: tokens + pixels
       -> map_batches(write_shard, rows_per_file)       CPU tasks: encode images, write files and one metadata file
       -> driver: progress per metadata file, then the manifest and `_SUCCESS`
@@ -19,13 +20,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -222,10 +223,10 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
     """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
     configure_data_context(ray.data.DataContext.get_current())
     return (
-        read_prompts(inputs, config)
-        .map_batches(expand_pending_rows, fn_kwargs=dict(config=config.input, sampling=config.sampling,
-                                                         done=plan.done),
-                     batch_format="pyarrow", batch_size=None)
+        ray.data.from_items([{"path": path} for path in inputs.paths], override_num_blocks=len(inputs.paths))
+        .map_batches(read_pending_rows, fn_kwargs=dict(inputs=inputs, config=config.input, sampling=config.sampling,
+                                                       done=plan.done),
+                     batch_format="pyarrow", batch_size=1, **READ_FAULT_TOLERANCE)
         # One block per actor batch: without it an actor call takes a whole input block (a 10k-row file is one
         # block), and Ray Data hands its output on only when the call ends: no writing overlaps sampling, progress
         # comes at the end, and the block's pixels pile up in the actor.
@@ -234,9 +235,14 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
                      num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor, **ACTOR_FAULT_TOLERANCE)
         .map_batches(write_shard_rows, fn_kwargs=dict(config=config, folder=plan.folder),
-                     batch_size=config.output.rows_per_file, batch_format="pyarrow", **WRITE_FAULT_TOLERANCE)
+                     batch_size=config.output.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS,
+                     **WRITE_FAULT_TOLERANCE)
     )
 
+
+# Half a CPU per write task, so two write at once on each CPU the actor pool leaves: an S3 writer mostly waits on
+# uploads, and actors that sample on GPUs (or the no-op model) leave their own CPUs idle for writers to use.
+WRITE_TASK_CPUS = 0.5
 
 # Faults while running, set deliberately rather than left to Ray's defaults:
 # - An actor process that dies (killed, segfault, node lost) is restarted without limit (`max_restarts=-1`): a long
@@ -246,34 +252,33 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
 #   the row-level and out-of-memory ones into error rows or smaller batches, so what is left is not transient.
 # - Writes go through pyarrow's S3 client, which retries transient S3 errors with exponential backoff
 #   (`filesystems.s3_filesystem`); a write task that still fails with an `OSError` runs again (same file names, so
-#   a rerun overwrites rather than duplicates). Reads retry Ray's `retried_io_errors` (throttling, 503, resets).
+#   a rerun overwrites rather than duplicates). Reads use the same client, and a read task that still fails with an
+#   `OSError` runs again too (a row it yields twice is dropped when the version is published).
 # - No block may be dropped (`max_errored_blocks=0`): a row never vanishes silently; the job fails instead.
 ACTOR_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=3)
-WRITE_FAULT_TOLERANCE = dict(max_retries=3, retry_exceptions=[OSError])
-RETRIED_IO_ERRORS = ("AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
-                     "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 500)",
-                     "AWS Error UNKNOWN (HTTP status 503)", "Connection reset by peer")
+WRITE_FAULT_TOLERANCE = READ_FAULT_TOLERANCE = dict(max_retries=3, retry_exceptions=[OSError])
+READ_BATCH_ROWS = 10_000  # input rows expanded at a time: a huge input file is never in memory whole
 
 
 def configure_data_context(context: ray.data.DataContext) -> None:
     context.enable_progress_bars = False  # the caller reports progress per file
     context.actor_task_retry_on_errors = False
     context.max_errored_blocks = 0
-    context.retried_io_errors = sorted(set(context.retried_io_errors) | set(RETRIED_IO_ERRORS))
 
 
-def read_prompts(inputs: InputFiles, config: JobConfig) -> ray.data.Dataset:
-    """Only the id, prompt and seed columns: `columns=` also keeps Ray's cross-file schema merge to those columns
-    (its suggested replacement, `.select_columns`, merges every column of every file and fails on unrelated ones)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`columns=` on `read_parquet` is deprecated", category=DeprecationWarning)
-        return ray.data.read_parquet(list(inputs.paths), filesystem=inputs.filesystem,
-                                     columns=inputs.columns(config.input))
+def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, sampling: SamplingConfig,
+                      done: pa.Array) -> Iterator[pa.Table]:
+    """The image rows of each input file in `files` (a `path` column), `READ_BATCH_ROWS` input rows at a time:
+    `expand_rows`, less the rows whose key is in `done` (held or staged already; `versions.key_strings`).
 
-
-def expand_pending_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig, done: pa.Table) -> pa.Table:
-    """`expand_rows`, less the rows whose (id, image_index) key is in `done` (held or staged already)."""
-    return drop_done(expand_rows(table, config, sampling), done)
+    The engine reads the files itself rather than through `ray.data.read_parquet`: `open_input` has already listed
+    and checked them, and Ray's listing task and its size-balanced buckets (every small file in one read task) cost
+    seconds per job and hold a whole input in one long-lived task.
+    """
+    for path in files.column("path").to_pylist():
+        with inputs.filesystem.open_input_file(path) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(READ_BATCH_ROWS, columns=inputs.columns(config)):
+                yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done)
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:

@@ -20,9 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 
 # Samples one value per (prompt, seed), in order; raises when the batch cannot be sampled.
 SampleFunction = Callable[[list[str], list[int]], Sequence[Any]]
@@ -38,8 +35,16 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """`MemoryError`, and `torch.cuda.OutOfMemoryError` once torch is loaded: a model that never imported torch
+    cannot raise it, and the no-op model's actors then skip torch's import (seconds per actor)."""
+    torch = sys.modules.get("torch")
+    return (MemoryError, torch.cuda.OutOfMemoryError) if torch else (MemoryError,)
+
+
 def release_cached_memory() -> None:
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    if torch and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -58,7 +63,7 @@ class ResilientSampler:
             size = min(len(prompts) - start, self.max_batch or len(prompts))
             try:
                 outcomes += self.sample_rows(prompts[start:start + size], seeds[start:start + size])
-            except OUT_OF_MEMORY as error:
+            except out_of_memory_errors() as error:
                 release_cached_memory()
                 if size == 1:
                     outcomes.append(RowOutcome(None, f"out of memory on a single image ({describe(error)})"))
@@ -74,7 +79,7 @@ class ResilientSampler:
     def sample_rows(self, prompts: list[str], seeds: list[int]) -> list[RowOutcome]:
         try:
             return [RowOutcome(value) for value in self.sample(prompts, seeds)]
-        except OUT_OF_MEMORY:
+        except out_of_memory_errors():
             raise
         except Exception as error:  # not hidden: it becomes the row's message, or is raised when no row is to blame
             if len(prompts) == 1:

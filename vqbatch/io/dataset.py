@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vqbatch.config import JobConfig, OutputConfig, S3Config
-from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically, write_files_atomically
 from vqbatch.io.images import encode_image, image_path
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
@@ -90,21 +90,40 @@ def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
     """Encode and write the images of `sampled`, then its metadata file, under `folder` of the output root;
     return the file's summary."""
     output = OutputRoot.of(config.output, config.s3)
-    image_paths = [write_image(output, row, config.output, folder) if row["status"] == "ok" else None
-                   for row in sampled.select(["id", "image_index", "status", "pixels", "height", "width"]).to_pylist()]
+    image_paths = write_images(output, sampled, config.output, folder)
     metadata = metadata_table(sampled, image_paths, config)
     relative = posixpath.join(folder, METADATA_DIR, f"part-{rows_digest(metadata)}.parquet")
     write_bytes_atomically(output.filesystem, output.path(relative), parquet_bytes(metadata))
-    ok = sum(status == "ok" for status in metadata.column("status").to_pylist())
+    ok = metadata.column("status").to_pylist().count("ok")
     return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
 
 
-def write_image(output: OutputRoot, row: dict, settings: OutputConfig, folder: str = "") -> str:
-    pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], -1)  # (H, W, C)
-    relative = posixpath.join(folder, image_path(row["id"], row["image_index"], settings.image_format))
-    data = encode_image(pixels, settings.image_format, settings.image_quality)
-    write_bytes_atomically(output.filesystem, output.path(relative), data)
+def write_images(output: OutputRoot, sampled: pa.Table, settings: OutputConfig, folder: str = "") -> list[str | None]:
+    """Encode and write the image of every ok row; return each row's image path (None on error rows)."""
+    ids, indices, statuses = (sampled.column(name).to_pylist() for name in ("id", "image_index", "status"))
+    relative = [posixpath.join(folder, image_path(row_id, index, settings.image_format)) if status == "ok" else None
+                for row_id, index, status in zip(ids, indices, statuses)]
+    ok = [position for position, path in enumerate(relative) if path is not None]
+    pixels = pixel_views(sampled)
+
+    def image_bytes(item: int) -> bytes:
+        return encode_image(pixels[ok[item]], settings.image_format, settings.image_quality)
+
+    write_files_atomically(output.filesystem, [output.path(relative[position]) for position in ok], image_bytes)
     return relative
+
+
+def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
+    """Each row's pixels (H, W, C) uint8, viewed in place in the table's buffers (no copy); None where null."""
+    heights, widths = sampled.column("height").to_pylist(), sampled.column("width").to_pylist()
+    flat = []
+    for chunk in sampled.column("pixels").chunks:  # a binary array: int32 offsets into one data buffer
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, np.int32)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
+        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        flat += [data[start:end] for start, end in zip(ends[:-1], ends[1:])]
+    return [None if height is None else view.reshape(height, width, -1)
+            for view, height, width in zip(flat, heights, widths)]
 
 
 def metadata_table(sampled: pa.Table, image_paths: list[str | None], config: JobConfig) -> pa.Table:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -16,6 +18,8 @@ import pyarrow.fs as pafs
 from vqbatch.config import S3Config
 
 S3_SCHEME = "s3://"
+UPLOAD_THREADS = 8  # S3 uploads at once per `write_files_atomically` call: enough to hide the network's latency
+UPLOAD_CHUNK = 64  # files per thread task: a task per file would cost more than uploading a tiny file
 
 
 def is_s3(uri: str) -> bool:
@@ -61,13 +65,55 @@ def write_bytes_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) 
     Locally: write a hidden temporary file next to `path`, then rename it over `path`.
     On S3 an object only becomes visible once its upload completes, so it is written in place.
     """
+    make_local_folder(filesystem, posixpath.dirname(path))
+    write_into_folder(filesystem, path, data, uuid.uuid4().hex)
+
+
+def write_files_atomically(filesystem: pafs.FileSystem, paths: Sequence[str], contents: Callable[[int], bytes]) -> None:
+    """`write_bytes_atomically` for many files: file `paths[i]` gets the bytes `contents(i)`.
+
+    Each folder is created once. Local files are written one after another: creating a file is CPU work in the
+    kernel, and threads only contend for it (measured: more CPU per file, no shorter wall time). S3 uploads wait on
+    the network, so `UPLOAD_THREADS` threads make and upload the files, `UPLOAD_CHUNK` at a time.
+    """
+    for folder in sorted({posixpath.dirname(path) for path in paths}):
+        make_local_folder(filesystem, folder)
+    token = uuid.uuid4().hex  # one per call: temporary names stay unique across writers and retries
+
+    def write_chunk(start: int) -> None:
+        for index in range(start, min(start + UPLOAD_CHUNK, len(paths))):
+            write_into_folder(filesystem, paths[index], contents(index), f"{token}{start}")
+
+    chunks = range(0, len(paths), UPLOAD_CHUNK)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        for start in chunks:
+            write_chunk(start)
+        return
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        for _ in pool.map(write_chunk, chunks):
+            pass  # re-raises a failed chunk's error
+
+
+def make_local_folder(filesystem: pafs.FileSystem, folder: str) -> None:
+    """S3 has no folders: an object's key is its whole path."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.create_dir(folder, recursive=True)
+
+
+def write_into_folder(filesystem: pafs.FileSystem, path: str, data: bytes, token: str) -> None:
+    """Write one whole file into an existing folder (see `write_bytes_atomically`); `token` makes the temporary
+    name unique. Local files go through `os` directly: a third of pyarrow's cost per small file."""
     if isinstance(filesystem, pafs.LocalFileSystem):
         folder, name = posixpath.split(path)
-        filesystem.create_dir(folder, recursive=True)
-        temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with filesystem.open_output_stream(temporary) as stream:
-            stream.write(data)
-        filesystem.move(temporary, path)
+        temporary = posixpath.join(folder, f".{name}.{token}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view):]
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
     else:
         with filesystem.open_output_stream(path) as stream:
             stream.write(data)

@@ -258,4 +258,6 @@ def row_problem(row_id, prompt, row_seed: int | None) -> str | None:
 
 
 def is_invisible(text: str) -> bool:
+    if text.isprintable():  # no control, format or non-space separator character: settles most prompts in C
+        return text.isspace() or not text
     return all(character.isspace() or unicodedata.category(character) in INVISIBLE_CATEGORIES for character in text)
