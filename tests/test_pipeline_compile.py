@@ -59,3 +59,19 @@ def test_config_modes_are_the_pipeline_modes():
 
     literal, _ = get_args(ModelConfig.model_fields["compile"].annotation)
     assert get_args(literal) == COMPILE_MODES
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' deprecation notes on the reference
+def test_model_benchmark_times_the_compiled_pipeline_beside_the_others(tmp_path):
+    import json
+
+    from benchmarks.run import main
+
+    main(["model", "--config", "tiny", "--steps", "2", "--batch-sizes", "2", "--compile", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "model-tiny-compiled.json").read_text())
+    row = result["rows"][0]
+    assert row["compiled_images_per_s"] > 0 and row["compiled_warmup_s"] > 0
+    assert row["compiled_speedup"] == pytest.approx(row["compiled_images_per_s"] / row["reference_images_per_s"])
+    assert row["compiled_same_tokens"] is True and row["same_tokens"] is True
+    assert result["summary"]["compiled_all_same_tokens"] is True
+    assert "| compiled_images_per_s |" in (tmp_path / "model-tiny-compiled.md").read_text()
