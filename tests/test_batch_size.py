@@ -68,6 +68,19 @@ def test_peak_resident_memory_sees_a_freed_allocation():
     assert busy - idle >= 150 * MIB
 
 
+def small_blocks(mib: int) -> list:
+    return [np.ones(32 * 1024, np.uint8) for _ in range(32 * mib)]  # 32 KiB each: from the C heap, not mmap
+
+
+def test_heap_memory_freed_earlier_does_not_hide_a_calls_growth():
+    blocks, last = small_blocks(128), np.ones(32 * 1024, np.uint8)  # `last` keeps the heap from shrinking by itself
+    del blocks  # 128 MiB free yet resident: without trimming, the next call would reuse it unseen
+    idle = peak_memory_bytes(lambda: None, CPU)
+    busy = peak_memory_bytes(lambda: small_blocks(128), CPU)
+    assert busy - idle >= 100 * MIB
+    del last
+
+
 def test_measured_line_finds_the_bytes_per_image():
     line = measure_line(lambda prompts, seeds: allocate(48 * len(prompts)), CPU)
     assert line.per_image_bytes == pytest.approx(48 * MIB, rel=0.1)

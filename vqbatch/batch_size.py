@@ -16,6 +16,8 @@ at least 1 and at most `AUTO_BATCH_LIMIT`. The number of steps does not change t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 from collections.abc import Callable
@@ -79,11 +81,23 @@ PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear
 
 
 def reset_peak_resident() -> None:
-    """Start a new peak: Linux resets VmHWM to the current resident set when "5" is written to clear_refs."""
+    """Start a new peak: Linux resets VmHWM to the current resident set when "5" is written to clear_refs.
+
+    The C heap's free memory goes back to the system first (glibc's malloc_trim): kept resident, it would serve the
+    next call's allocations unseen, and a larger batch would seem to need no more memory than a smaller one.
+    """
     if not PROC_CLEAR_REFS.exists():
         raise ValueError("batch_size auto on a CPU reads the peak resident memory from Linux's /proc; this system "
                          "has none: set compute.batch_size to a number")
+    release_free_heap()
     PROC_CLEAR_REFS.write_text("5")
+
+
+def release_free_heap() -> None:
+    libc_name = ctypes.util.find_library("c")
+    malloc_trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    if malloc_trim is not None:  # glibc; other C libraries have no such call
+        malloc_trim(0)
 
 
 def peak_resident_bytes() -> int:
