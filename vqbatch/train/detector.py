@@ -5,9 +5,11 @@ foreground component bigger than a speck is one shape. A shape's colour is the m
 half of pixels, and its outline is where the image is at least half way from the background to that colour (the
 edge a soft or blurred image still has in the right place). The palette colour nearest its colour names it; its
 kind comes from its outline (a triangle is much thinner in the top half of its bounding box than in the bottom
-half; a square fills its box, a circle about pi/4 of it); its position is the named position nearest its box
-centre and its size is its box side against the midpoint of the two sizes. Nothing is learned, so the detector
-cannot be fooled into agreeing with a caption.
+half; otherwise it is a square or a circle by which of the two ideal shapes, drawn by the dataset's own
+`shape_mask` at the outline's box size, fills that box by the nearer share: at small sizes a drawn circle fills
+much more than pi/4 of its box); its position is the named position nearest its box centre and its size is its box
+side against the midpoint of the two sizes. Nothing is learned, so the detector cannot be fooled into agreeing with
+a caption.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vqbatch.train.shapes import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene, Shape, ShapesDataset
+from vqbatch.train.shapes import (BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene, Shape, ShapesDataset,
+                                  shape_mask)
 
 ATTRIBUTES = ("count", "background", "kind", "colour", "position", "size")
 FOREGROUND_DISTANCE = 90.0  # RGB distance from the background above which a pixel belongs to a shape
 MIN_AREA_FRACTION = 0.004  # components smaller than this share of the image are specks, not shapes
-SQUARE_FILL = 0.9  # share of its bounding box a square fills at least (a circle pi/4, a triangle 1/2)
 TRIANGLE_TAPER = 0.6  # a triangle's top half holds less than this share of its bottom half's pixels (~1/3)
 SIZE_THRESHOLD = SIZES["small"] + SIZES["large"]  # box side (fraction) between a small and a large shape
 
@@ -90,11 +92,17 @@ def classify_component(component: Component) -> Shape:
     if top < TRIANGLE_TAPER * np.count_nonzero(rows + 0.5 > centre[1]):
         kind = "triangle"
     else:
-        kind = "square" if len(rows) / (box_height * box_width) > SQUARE_FILL else "circle"
+        kind = nearest_fill(len(rows) / (box_height * box_width), max(box_height, box_width))
     centre = centre / side
     size = "large" if max(box_height, box_width) / side > SIZE_THRESHOLD else "small"
     return Shape(kind=kind, colour=nearest_name(component.colour, COLOURS), position=nearest_name(centre, POSITIONS),
                  size=size)
+
+
+def nearest_fill(fill: float, box_side: int) -> str:
+    """"square" or "circle": whose ideal drawing in a box of `box_side` pixels fills a share nearer to `fill`."""
+    ideal = {kind: shape_mask(kind, (0.5, 0.5), 0.5, box_side).mean() for kind in ("circle", "square")}
+    return min(ideal, key=lambda kind: abs(ideal[kind] - fill))
 
 
 def detect(image: np.ndarray) -> Scene:
