@@ -58,7 +58,7 @@ class TrainConfig(BaseModel):
     vq_channels: tuple[int, ...] = (16, 32, 64)  # one per level; 3 levels make 32x32 images 8x8 token grids
     codebook_size: int = Field(512, ge=2)  # > the ~390 distinct 4x4 patches of the scenes
     vq_embed_dim: int = Field(32, ge=1)
-    vq_steps: int = Field(2500, ge=0)
+    vq_steps: int = Field(3000, ge=0)
     vq_batch_size: int = Field(32, ge=1)
     vq_learning_rate: float = Field(5e-3, gt=0)
     # text encoder
@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     num_heads: int = Field(4, ge=1)
     head_dim: int = Field(32, ge=4)
     num_timesteps: int = Field(100, ge=2)
-    diffusion_steps: int = Field(2500, ge=0)
+    diffusion_steps: int = Field(3000, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
