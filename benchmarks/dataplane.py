@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -68,8 +69,10 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
     connect_ray()
     try:
         run_job(job_config(settings, warm_up, scratch / f"warm-up-out-{count}"))
+        cpu_before = tree_cpu_seconds()
         with PeakMemory() as memory:
             summary = run_job(job_config(settings, prompts, scratch / f"out-{count}"), on_progress=progress.append)
+        cpu_seconds = tree_cpu_seconds() - cpu_before
     finally:
         ray.shutdown()
     if summary.ok != count:
@@ -78,7 +81,7 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
     first, last = progress[0], progress[-1]
     steady = (last.images_done - first.images_done) / (last.seconds - first.seconds) if len(progress) > 1 else None
     return {"prompts": count, "seconds": summary.seconds, "rows_per_s": count / summary.seconds,
-            "first_file_s": first.seconds, "steady_rows_per_s": steady,
+            "first_file_s": first.seconds, "steady_rows_per_s": steady, "cpu_ms_per_row": 1000 * cpu_seconds / count,
             "metadata_files": summary.metadata_files, "driver_peak_mib": peaks.driver_mib,
             "largest_worker_peak_mib": peaks.largest_worker_mib,
             "largest_worker_private_peak_mib": peaks.largest_worker_private_mib,
@@ -87,11 +90,23 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
             "tree_peak_mib": peaks.tree_total_mib, "worker_processes": peaks.workers_seen}
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) so far of this process and every live descendant: Ray's processes included."""
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
+            continue
+        total += times.user + times.system
+    return total
+
+
 def run(settings: Settings) -> Report:
     report = Report("dataplane", asdict(settings), machine("cpu"), columns=[
-        "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "driver_peak_mib",
-        "largest_worker_peak_mib", "largest_worker_private_peak_mib", "largest_worker", "workers_peak_mib", "workers_private_peak_mib", "tree_peak_mib",
-        "worker_processes"])
+        "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "cpu_ms_per_row", "driver_peak_mib",
+        "largest_worker_peak_mib", "largest_worker_private_peak_mib", "largest_worker", "workers_peak_mib",
+        "workers_private_peak_mib", "tree_peak_mib", "worker_processes"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-dataplane-") as scratch:
         for count in settings.row_counts:
             report.rows.append(measure(settings, count, Path(scratch)))
@@ -110,7 +125,10 @@ def run(settings: Settings) -> Report:
         "Parquet files; output on the local disk; the engine's default compute (a fresh local Ray per run).",
         f"rows_per_s = prompts / job seconds, on a local Ray warmed by a {WARM_UP_PROMPTS}-prompt job (actor start, "
         "planning, reading, writing and the manifest included); first_file_s: seconds to the first metadata file; "
-        "steady_rows_per_s: rows per second from the first metadata file to the last. Memory: peak resident set sampled every 0.25 s; workers_peak_mib sums all Ray worker "
+        "steady_rows_per_s: rows per second from the first metadata file to the last; cpu_ms_per_row: CPU time of the "
+        "driver and every Ray process during the job, per row: on n idle cores the rate would be about "
+        "1000 n / cpu_ms_per_row. "
+        "Memory: peak resident set sampled every 0.25 s; workers_peak_mib sums all Ray worker "
         "processes (shared object-store pages count once per process that touched them); *_private_* leave shared "
         "pages out (a worker's own heap).",
     ]
