@@ -159,9 +159,12 @@ def test_train_command_writes_a_checkpoint(tmp_path, capsys):
 # ---------------------------------------------------------------- the shipped default model
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "vqbatch" / "data" / "default-model"
-# one-object prompts, 100 steps without guidance, fixed seeds; the model scored 90-100% on these attributes on
-# 48 prompts (kind and size are its weak attributes and are left out of the floor)
-SHIPPED_FLOOR = {"background": 0.9, "count": 0.6, "colour": 0.6, "position": 0.6}
+# 12 one-object prompts without guidance, fixed seeds. Measured on this model: the reference chain at 100 steps
+# got 92-100% of background, colour, position and size and 33% all right; the purity sampler at 25 steps 92% all
+# right (on 100 prompts: 70% and see the README's quality table). Floors leave room for a few flipped tokens on
+# other machines.
+REFERENCE_FLOOR = {"background": 0.9, "colour": 0.75, "position": 0.75, "size": 0.75}
+PURITY_FLOOR = {"kind": 0.75, "colour": 0.75, "position": 0.75, "size": 0.75, "all": 0.6}
 
 
 def test_shipped_default_model_is_small_half_precision_and_follows_prompts():
@@ -174,7 +177,11 @@ def test_shipped_default_model_is_small_half_precision_and_follows_prompts():
     pipe = VQDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
     assert pipe.transformer.dtype == torch.float16 and pipe.vqvae.dtype == torch.float16
     pipe.to(dtype=torch.float32)
-    report = generate_and_score(pipe, evaluation_prompts(12, 0), num_inference_steps=100, guidance_scale=1.0)
-    assert report["one_object"]["n"] == 12
-    for attribute, floor in SHIPPED_FLOOR.items():
-        assert report["one_object"][attribute] >= floor, report
+    prompts = evaluation_prompts(12, 0)
+    reference = generate_and_score(pipe, prompts, num_inference_steps=100, guidance_scale=1.0)["one_object"]
+    purity = generate_and_score(pipe, prompts, num_inference_steps=25, guidance_scale=1.0, timestep_spacing="skip",
+                                sampler="purity", prior_weight=1.0)["one_object"]
+    assert reference["n"] == purity["n"] == 12
+    for report, floors in ((reference, REFERENCE_FLOOR), (purity, PURITY_FLOOR)):
+        for attribute, floor in floors.items():
+            assert report[attribute] >= floor, report
