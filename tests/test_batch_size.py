@@ -49,6 +49,12 @@ def test_a_peak_that_does_not_grow_allows_the_limit(per_image):
     assert largest_batch(MemoryLine(1 * GIB, per_image), 2 * GIB, limit=64) == 64
 
 
+@pytest.mark.parametrize("per_image", [0.0, -3 * MIB])
+def test_a_peak_that_does_not_grow_but_exceeds_the_budget_gives_one(per_image):
+    # a tiny model's resident peaks can even shrink from batch 1 to 4: the weights alone still decide
+    assert largest_batch(MemoryLine(1 * GIB, per_image), 512 * MIB, limit=64) == 1
+
+
 def test_a_cpu_actor_plans_for_its_share_of_the_node():
     cpus = len(os.sched_getaffinity(0))
     assert memory_share(CPU, ComputeConfig(cpus_per_actor=1)) == pytest.approx(1 / cpus)

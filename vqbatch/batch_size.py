@@ -51,7 +51,9 @@ class MemoryLine:
 
 def largest_batch(line: MemoryLine, budget_bytes: float, limit: int = AUTO_BATCH_LIMIT) -> int:
     """The largest batch in [1, limit] whose peak fits `budget_bytes`; 1 when none does, `limit` when the peak
-    does not grow with the batch (no activations worth measuring, e.g. the no-op model)."""
+    does not grow with the batch (no activations worth measuring, e.g. the no-op model) and fits."""
+    if line.fixed_bytes > budget_bytes:
+        return 1
     if line.per_image_bytes <= 0:
         return limit
     fitting = int((budget_bytes - line.fixed_bytes) // line.per_image_bytes)
