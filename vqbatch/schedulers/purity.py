@@ -35,8 +35,7 @@ from typing import Literal
 
 import torch
 
-from vqbatch.schedulers.vq_diffusion import (LOG_TINY, VQDiffusionScheduler, VQDiffusionSchedulerOutput,
-                                             gumbel_noised)
+from vqbatch.schedulers.vq_diffusion import LOG_TINY, VQDiffusionScheduler, gumbel_noised
 
 Sampler = Literal["reference", "purity"]
 SAMPLERS = ("reference", "purity")  # reference: VQDiffusionScheduler.step (diffusers); purity: this module
@@ -115,7 +114,7 @@ def purity_prior_step(log_p_x_0: torch.Tensor, x_t: torch.LongTensor, num_left_m
 
 
 class PurityPriorScheduler(VQDiffusionScheduler):
-    """A `VQDiffusionScheduler` whose `step` follows the purity prior; the schedules and timesteps are the parent's,
+    """A `VQDiffusionScheduler` whose `step` samples by the purity prior; the schedules and timesteps are the parent's,
     so `set_timesteps` (both spacings) works unchanged."""
 
     def __init__(self, *args, prior_weight: float = DEFAULT_PRIOR_WEIGHT, **kwargs):
@@ -132,17 +131,8 @@ class PurityPriorScheduler(VQDiffusionScheduler):
         """round(P γ̄_s): of P pixels, how many stay masked once the chain reaches `timestep` (-1, x_0: none)."""
         return round(num_pixels * float(self.gamma_bar[timestep]))
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             return_dict: bool = True) -> VQDiffusionSchedulerOutput | tuple[torch.LongTensor]:
-        """The tokens at the previous timestep of the schedule, by the purity prior.
-
-        model_output: (B, K, P) log p(x_0 | x_t); sample: (B, P) tokens x_t; generator: one, or one per row.
-        """
-        t = self._as_timestep(timestep, "timestep")
-        s = self.previous_timestep(t)
-        x_t = self._checked_tokens(sample, "sample")
-        self._check_model_output(model_output, x_t)
-        prev_sample = purity_prior_step(model_output, x_t, self.num_left_masked(s, x_t.shape[1]), self.prior_weight,
-                                        generator, self.mask_class)
-        return VQDiffusionSchedulerOutput(prev_sample) if return_dict else (prev_sample,)
+    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
+                         generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+        """x_s by the purity prior: x_t with its surest masked pixels unmasked down to round(P γ̄_s) masked."""
+        return purity_prior_step(log_p_x_0, x_t, self.num_left_masked(s, x_t.shape[1]), self.prior_weight,
+                                 generator, self.mask_class)

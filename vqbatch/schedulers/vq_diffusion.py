@@ -325,12 +325,16 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
         model_output: (B, K, P) log p(x_0 | x_t); sample: (B, P) tokens x_t; generator: one, or one per row.
         """
         t = self._as_timestep(timestep, "timestep")
-        s = self.previous_timestep(t)
         x_t = self._checked_tokens(sample, "sample")
         self._check_model_output(model_output, x_t)
-        log_p = model_output if t == 0 else self._posterior(model_output, x_t, t, s)  # (B, K or K+1, P)
-        prev_sample = gumbel_noised(log_p, generator).argmax(dim=1)  # (B, P)
+        prev_sample = self._previous_tokens(model_output, x_t, t, self.previous_timestep(t), generator)
         return VQDiffusionSchedulerOutput(prev_sample) if return_dict else (prev_sample,)
+
+    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
+                         generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+        """x_s ~ p_θ(x_s | x_t), eq. 11 with p_θ(x_0 | x_t) (at t = 0, x_0 itself): (B, P) tokens."""
+        log_p = log_p_x_0 if t == 0 else self._posterior(log_p_x_0, x_t, t, s)  # (B, K or K+1, P)
+        return gumbel_noised(log_p, generator).argmax(dim=1)
 
     # -- input checks -------------------------------------------------------------------------------------------------
 
