@@ -5,16 +5,16 @@ import pyarrow as pa
 import pytest
 import torch
 
+from test_pipeline import checkpoint, pipe  # noqa: F401  (the tiny checkpoint and its pipeline)
 from vqbatch.cli import GENERATE_FLAGS, build_parser, main
 from vqbatch.config import ModelConfig, SamplingConfig, load_job_config
 from vqbatch.engine import PipelineModel
 from vqbatch.io.dataset import metadata_table, sampled_table
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
-from vqbatch.pipeline import VQDiffusionPipeline
 from vqbatch.proof import parameter_groups
 from vqbatch.schedulers.purity import PurityPriorScheduler, check_sampler, pixels_to_unmask
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
-from vqbatch.tiny import CODEBOOK_SIZE, LATENT_SIZE, write_tiny_checkpoint
+from vqbatch.tiny import CODEBOOK_SIZE, LATENT_SIZE
 
 K, P, T = 6, 24, 20  # codebook classes, latent pixels, training timesteps of the small chains below
 MASK = K
@@ -230,16 +230,6 @@ def test_each_row_records_its_sampler_and_a_rerun_uses_it():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline and the engine on the tiny model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoint):
-    return VQDiffusionPipeline.from_pretrained(checkpoint)
 
 
 def test_the_pipeline_samples_by_purity_with_guidance_truncation_and_skip_spacing(pipe):
