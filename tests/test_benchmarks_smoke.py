@@ -98,3 +98,22 @@ def test_peak_memory_sees_the_driver_and_its_children():
         child.wait()
     assert memory.peaks.driver_mib > 10
     assert memory.peaks.tree_total_mib >= memory.peaks.driver_mib + 50  # the child's 64 MiB buffer was seen
+
+
+def test_quality_benchmark_scores_every_setting_and_finds_the_cheapest_close_one(tmp_path):
+    main(["quality", "--one-object", "4", "--two-object", "2", "--step-counts", "8,2", "--guidance-scales", "1",
+          "--batch", "6", "--out", str(tmp_path)])  # the shipped default model
+    result = json.loads((tmp_path / "quality.json").read_text())
+    rows = result["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("reference", 8), ("reference", 2), ("purity", 8),
+                                                          ("purity", 2)]
+    for row in rows:
+        assert row["transformer_calls"] == row["steps"]
+        assert 0.0 <= row["one_object_all"] <= 1.0 and 0.0 <= row["two_object_all"] <= 1.0
+        assert row["one_object_all"] <= min(row[f"one_object_{a}"] for a in ("kind", "colour", "position", "size"))
+    summary = result["summary"]
+    assert summary["baseline"] == rows[0]  # the only reference row at the most steps
+    cheap = [r for r in rows if r["steps"] == 2]
+    assert summary["best_with_4x_fewer_calls"]["one_object_all"] == max(r["one_object_all"] for r in cheap)
+    assert summary["gap_points"] == pytest.approx(
+        100 * (rows[0]["one_object_all"] - summary["best_with_4x_fewer_calls"]["one_object_all"]), abs=0.05)
