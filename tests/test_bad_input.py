@@ -100,6 +100,12 @@ def corrupt_a_data_page(folder):
      r"1 duplicate id\(s\), e.g. '2' \(2 rows\)"),
     (lambda d: write_pair(d, {"id": [1, 2], "prompt": ["a", "b"]}, {"id": [2, 3], "prompt": ["c", "d"]}),
      r"1 duplicate id\(s\), e.g. '2' \(2 rows\)"),
+    (lambda d: write_pair(d, {"id": ["1", None, "1"], "prompt": list("abc")},
+                          {"id": [None, "2"], "prompt": list("xy")}),
+     r"id column 'id' is null in 2 row\(s\) of 2 input file\(s\), rows counted from 0: .*a.parquet \(1 row\(s\): 1\); "
+     r".*b.parquet \(1 row\(s\): 0\)"),
+    (lambda d: write_pair(d, {"id": [1, None, None], "prompt": list("abc")}),
+     r"is null in 2 row\(s\) of 1 input file\(s\), rows counted from 0: .*a.parquet \(2 row\(s\): 1, 2\)"),
     (lambda d: write_pair(d, {"id": ["1"], "prompt": [5]}), r"column 'prompt' has type int64; it must be a string"),
     (lambda d: write_pair(d, {"id": ["1"], "prompt": ["a"]}, {"id": ["2"], "prompt": [b"b"]}),
      r"b.parquet: column 'prompt' has type binary; it must be a string"),

@@ -78,6 +78,21 @@ def test_missing_and_mistyped_columns_are_job_errors(tmp_path, columns, message)
     assert str(path) in str(error.value)
 
 
+def test_null_ids_are_a_job_error_naming_each_file_and_its_rows(tmp_path):
+    """A row without an id has no key, so it is rejected before any model loads, like a duplicate id."""
+    ids = [None if row % 3 == 1 else f"a{row}" for row in range(20)]  # null at rows 1, 4, ..., 19
+    pq.write_table(pa.table({"id": ids, "prompt": ["p"] * 20}), tmp_path / "a.parquet", row_group_size=4)
+    write_prompts(tmp_path / "b.parquet", id=[None, "b1"], prompt=["p", "q"])
+    write_prompts(tmp_path / "c.parquet", id=["c0", "c1"], prompt=["p", "q"])
+    with pytest.raises(ValueError) as error:
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+    message = str(error.value)
+    assert "id column 'id' is null in 8 row(s) of 2 input file(s), rows counted from 0" in message
+    assert f"{tmp_path / 'a.parquet'} (7 row(s): 1, 4, 7, 10, 13, ...)" in message
+    assert f"{tmp_path / 'b.parquet'} (1 row(s): 0)" in message and "c.parquet" not in message
+    assert "give every row an id or remove those rows" in message
+
+
 def test_unreadable_empty_and_absent_inputs_are_job_errors(tmp_path):
     write_prompts(tmp_path / "ok.parquet", id=["1"], prompt=["p"])
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -110,19 +125,17 @@ def test_a_seed_column_must_be_in_every_file_or_none(tmp_path):
 # ---------------------------------------------------------------- image rows
 
 def test_expand_rows_gives_one_row_per_image_with_its_seed_and_status():
-    table = pa.table({"id": [10, 11, 12, 13, None], "prompt": ["a cat", None, "   ", "a dog", "x"],
-                      "seed": [3, 4, 5, -1, 6]})
+    table = pa.table({"id": [10, 11, 12, 13], "prompt": ["a cat", None, "   ", "a dog"], "seed": [3, 4, 5, -1]})
     sampling = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": "o",
                                       "sampling.images_per_prompt": 2, "sampling.base_seed": 9}).sampling
     rows = expand_rows(table, InputConfig(paths=["x"]), sampling)
-    assert rows.schema == IMAGE_ROW_SCHEMA and rows.num_rows == 10
+    assert rows.schema == IMAGE_ROW_SCHEMA and rows.num_rows == 8
     by_key = {(row["id"], row["image_index"]): row for row in rows.to_pylist()}
     assert by_key[("10", 0)]["seed"] == 3 and by_key[("10", 1)]["seed"] == image_seed("10", 1, 9, row_seed=3)
     assert by_key[("10", 0)]["status"] == "ok" and by_key[("10", 0)]["error"] is None
     assert by_key[("11", 0)]["error"] == "prompt is null"
     assert by_key[("12", 1)]["error"] == "prompt is empty"
     assert "seed -1 is out of range" in by_key[("13", 0)]["error"]
-    assert by_key[("", 0)]["error"] == "id is null"
     assert all(row["seed"] is None for row in by_key.values() if row["status"] == "error")
 
 

@@ -2,11 +2,13 @@
 
 Job-level problems raise a `ValueError` that says what to fix, before any model loads: no files, a file that is not
 Parquet or has a corrupt page (every file's job columns are read once, whole), a missing or mistyped column (a
-Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, and duplicate ids.
-Duplicate ids are rejected rather than renamed: an id names its images and seeds, so a renamed duplicate would get
-seeds and file names that depend on which file was read first.
+Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, null ids and
+duplicate ids. An id is a row's key: it names its images and seeds, and the dataset holds each (id, image index)
+once. So duplicates are rejected rather than renamed (a renamed duplicate would get seeds and file names that
+depend on which file was read first), and null ids rather than given a stand-in (one made from the file and row
+number would change when the input is moved, renamed or reordered, and a refresh would then add the row again).
 
-Row-level problems become image rows with `status="error"` and a message, and the job goes on: a null id, a null,
+Row-level problems become image rows with `status="error"` and a message, and the job goes on: a null,
 empty or invisible prompt (only whitespace, control and format characters), a seed out of range, and text that is
 not valid UTF-8 (other writers can put any bytes in a Parquet string column, lone UTF-16 surrogates among them;
 such values are kept with their bad bytes escaped as `\\xNN`). Emoji, right-to-left text and control characters
@@ -33,6 +35,7 @@ from vqbatch.seeds import SEED_LIMIT, image_seed
 
 GLOB_CHARACTERS = "*?["
 DUPLICATES_SHOWN = 5  # duplicate ids named in the job error
+NULLS_SHOWN = 5  # row numbers per file named in the null-id job error
 INVISIBLE_CATEGORIES = ("Cc", "Cf")  # Unicode control and format characters (NUL, BEL, zero-width space, RTL mark)
 
 # The image rows the sampler receives: one per (input row, image index).
@@ -77,7 +80,9 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
     inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem))
-    check_ids_unique(read_ids(inputs, config), config)
+    counts, null_rows = read_ids(inputs, config)
+    check_ids_present(null_rows, config, filesystem)
+    check_ids_unique(counts, config)
     return inputs
 
 
@@ -126,23 +131,43 @@ def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]
                          "replace or remove it") from None
 
 
-def read_ids(inputs: InputFiles, config: InputConfig) -> Counter:
-    """How often each non-null id occurs; reading every job column whole finds corrupt pages before models load."""
+def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[Counter, dict[str, list[int]]]:
+    """How often each non-null id occurs, and per file the row numbers (from 0) of its null ids; reading every job
+    column whole finds corrupt pages before models load."""
     counts: Counter = Counter()
+    null_rows: dict[str, list[int]] = {}
     for path in inputs.paths:
+        null_rows[path], start = [], 0
         try:
             with inputs.filesystem.open_input_file(path) as stream:
                 for batch in pq.ParquetFile(stream).iter_batches(columns=inputs.columns(config)):
-                    counts.update(value for value in id_keys(batch.column(config.id_column)) if value is not None)
+                    keys = id_keys(batch.column(config.id_column))
+                    counts.update(key for key in keys if key is not None)
+                    null_rows[path] += [start + row for row, key in enumerate(keys) if key is None]
+                    start += batch.num_rows
         except (pa.ArrowException, OSError) as error:
             raise ValueError(f"cannot read input file {to_uri(inputs.filesystem, path)} as Parquet ({error}); "
                              "replace or remove it") from None
-    return counts
+    return counts, null_rows
 
 
 def id_keys(column: pa.Array) -> list:
     """Integer ids as ints, text ids as their raw bytes (so that text which is not valid UTF-8 still compares)."""
     return column.cast(raw_bytes_type(column.type)).to_pylist() if is_text(column.type) else column.to_pylist()
+
+
+def check_ids_present(null_rows: dict[str, list[int]], config: InputConfig, filesystem: pafs.FileSystem) -> None:
+    """No null id in any file: a row without an id has no key to name its images and seeds by."""
+    files = {to_uri(filesystem, path): rows for path, rows in null_rows.items() if rows}
+    if files:
+        shown = "; ".join(f"{uri} ({len(rows)} row(s): {shortened(rows)})" for uri, rows in files.items())
+        raise ValueError(f"id column {config.id_column!r} is null in {sum(map(len, files.values()))} row(s) of "
+                         f"{len(files)} input file(s), rows counted from 0: {shown}; ids name each row's images "
+                         "and seeds, so give every row an id or remove those rows")
+
+
+def shortened(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:NULLS_SHOWN])) + (", ..." if len(rows) > NULLS_SHOWN else "")
 
 
 def check_ids_unique(counts: Counter, config: InputConfig) -> None:
@@ -223,6 +248,7 @@ def seed_column_present(schemas: dict[str, pa.Schema], config: InputConfig, file
 
 def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) -> pa.Table:
     """One image row per (input row, image index), with its seed and its status; see `vqbatch.seeds`."""
+    assert table.column(config.id_column).null_count == 0, "open_input rejects null ids"
     ids, id_problems = decoded_column(table.column(config.id_column), "id")
     prompts, prompt_problems = decoded_column(table.column(config.prompt_column), "prompt")
     seeds = table.column(config.seed_column).to_pylist() if config.seed_column in table.column_names else None
@@ -235,17 +261,15 @@ def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) 
 
 def image_row(row_id, prompt, image_index: int, row_seed: int | None, base_seed: int,
               text_problem: str | None = None) -> dict:
-    text_id = "" if row_id is None else str(row_id)
-    problem = text_problem or row_problem(row_id, prompt, row_seed)
+    text_id = str(row_id)
+    problem = text_problem or row_problem(prompt, row_seed)
     seed = None if problem else image_seed(text_id, image_index, base_seed, row_seed)
     return dict(id=text_id, prompt=prompt, image_index=image_index, seed=seed,
                 status="error" if problem else "ok", error=problem)
 
 
-def row_problem(row_id, prompt, row_seed: int | None) -> str | None:
+def row_problem(prompt, row_seed: int | None) -> str | None:
     """Why this input row cannot be sampled, or None."""
-    if row_id is None:
-        return "id is null"
     if prompt is None:
         return "prompt is null"
     if not prompt.strip():
