@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.pipelines import (SIZES, ModelSize, Sampling, distinct_prompts, matching_pipeline, pipeline_pair,
-                                  reference_tokens, transformer_parameters, vqbatch_tokens)
+from benchmarks.pipelines import (SIZES, ModelSize, SamplingSettings, distinct_prompts, matching_pipeline,
+                                  pipeline_pair, reference_tokens, transformer_parameters, vqbatch_tokens)
 from benchmarks.report import Report, machine, median, seconds_of, timing_of
 from vqbatch.tiny import MAX_PROMPT_TOKENS
 
@@ -30,21 +30,11 @@ PEAK_HALF_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H
 
 
 @dataclass(frozen=True)
-class Settings:
-    size: str
+class Settings(SamplingSettings):
     steps: int
-    guidance_scale: float
-    truncation_rate: float
     batch_sizes: tuple[int, ...]
     repeats: int
-    device: str
-    dtype: str
-    seed: int
     compile: str | None = None  # torch.compile mode of a third, compiled vqbatch pipeline; None: no such pipeline
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.guidance_scale, self.truncation_rate, self.seed, self.device)
 
 
 def transformer_flops_per_image_step(size: ModelSize, guided: bool) -> float:

@@ -186,6 +186,22 @@ class Sampling:
                     generator=torch.Generator(self.device).manual_seed(self.seed))
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What the benchmarks that sample both pipelines share; each adds its own step counts and batch sizes."""
+
+    size: str  # a key of `SIZES`
+    guidance_scale: float
+    truncation_rate: float
+    device: str
+    dtype: str  # a torch dtype's name, e.g. "float16"
+    seed: int
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.guidance_scale, self.truncation_rate, self.seed, self.device)
+
+
 def distinct_prompts(count: int) -> list[str]:
     """`count` different prompts, so that no pipeline can share text work between images."""
     return [f"{FREE_FORM_PROMPTS[i % len(FREE_FORM_PROMPTS)]}, take {i}" for i in range(count)]

@@ -11,27 +11,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.pipelines import (SIZES, Sampling, distinct_prompts, pipeline_pair,
-                                  reference_tokens, vqbatch_tokens)
+from benchmarks.pipelines import (SIZES, SamplingSettings, distinct_prompts, pipeline_pair, reference_tokens,
+                                  vqbatch_tokens)
 from benchmarks.report import Report, Timing, machine, timing_of
 
 WARMUP_STEPS = 2
 
 
 @dataclass(frozen=True)
-class Settings:
-    size: str
+class Settings(SamplingSettings):
     step_counts: tuple[int, ...]
     batch: int
-    guidance_scale: float
-    truncation_rate: float
-    device: str
-    dtype: str
-    seed: int
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.guidance_scale, self.truncation_rate, self.seed, self.device)
 
 
 def row(pipeline: str, steps: int, timing: Timing, batch: int, reference: Timing, same: bool | None) -> dict:
