@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.ceiling import reference_ceiling
 from benchmarks.pipelines import (SIZES, ModelSize, SamplingSettings, distinct_prompts, matching_pipeline,
                                   pipeline_pair, reference_tokens, transformer_parameters, vqbatch_tokens)
 from benchmarks.report import Report, machine, median, seconds_of, timing_of
@@ -105,8 +106,9 @@ def add_utilisation(row: dict, size: ModelSize, settings: Settings, peak: float 
             row[f"{name}_mfu"] = achieved_tflops / peak
 
 
-def pipelines(settings: Settings, size: ModelSize) -> dict[str, Side]:
-    """The sides to time: the reference, vqbatch, and with `settings.compile` vqbatch compiled."""
+def pipelines(settings: Settings, size: ModelSize) -> tuple[dict[str, Side], object]:
+    """The sides to time (the reference, vqbatch, and with `settings.compile` vqbatch compiled), and the reference
+    pipeline itself."""
     dtype = getattr(torch, settings.dtype)
     ours, reference = pipeline_pair(size, settings.device, dtype, settings.seed)
     sampling = settings.sampling
@@ -115,22 +117,36 @@ def pipelines(settings: Settings, size: ModelSize) -> dict[str, Side]:
     if settings.compile:
         compiled = matching_pipeline(reference).to(settings.device, dtype).compile_transformer(settings.compile)
         sides["compiled"] = lambda prompts, steps: vqbatch_tokens(compiled, prompts, steps, sampling)
-    return sides
+    return sides, reference
+
+
+def add_ceiling(row: dict, reference, side: Side, settings: Settings) -> None:
+    """One more reference call, profiled: the most a same-kernel implementation could gain (`benchmarks.ceiling`)."""
+    prompts = distinct_prompts(row["batch"])
+    ceiling = reference_ceiling(reference, lambda: side(prompts, settings.steps))
+    row["ceiling_same_kernels"] = ceiling.call
+    row["forward_ceiling_same_kernels"] = ceiling.forward
+    row["reference_forced_share"] = 1 / ceiling.call
+    row["reference_forward_forced_share"] = 1 / ceiling.forward
 
 
 def run(settings: Settings) -> Report:
     size = SIZES[settings.size]
-    sides = pipelines(settings, size)
+    sides, reference = pipelines(settings, size)
+    on_cpu = settings.device == "cpu"
     peak = peak_tflops(settings.device, getattr(torch, settings.dtype))
     compiled_columns = ["compiled_images_per_s", "compiled_speedup", "compiled_speedup_cpu_time",
                         "compiled_same_tokens"] if settings.compile else []
     report = Report("model", asdict(settings), machine(settings.device), columns=[
         "batch", "steps", "reference_images_per_s", "vqbatch_images_per_s", "speedup", "speedup_cpu_time",
-        "same_tokens", *compiled_columns, "reference_gflops", "vqbatch_gflops"]
+        "same_tokens", *(["ceiling_same_kernels", "forward_ceiling_same_kernels"] if on_cpu else []),
+        *compiled_columns, "reference_gflops", "vqbatch_gflops"]
         + (["reference_mfu", "vqbatch_mfu"] if peak else []))
     for batch in settings.batch_sizes:
         row = measure_batch(sides, batch, settings)
         add_utilisation(row, size, settings, peak)
+        if on_cpu:
+            add_ceiling(row, reference, sides["reference"], settings)
         report.rows.append(row)
     report.summary = {
         "transformer_parameters": transformer_parameters(size),
@@ -150,6 +166,12 @@ def run(settings: Settings) -> Report:
         "speedup = vqbatch images/s / reference images/s (wall clock); speedup_cpu_time = the same ratio in CPU "
         "seconds of this process (the work done, less sensitive to other load on a shared CPU; on a GPU it counts "
         "only the host's share); same_tokens: both pipelines returned identical tokens.",
+        *(["ceiling_same_kernels: the largest speedup (CPU) of any implementation that runs the reference's "
+           "kernels for what fixes the tokens' bits (GEMMs, attention, convolutions, the random draws), = the "
+           "reference call's time / its time in those kernels, from one more reference call under torch.profiler "
+           "(the text's cross-attention keys and values counted once per call); forward_ceiling_same_kernels: the "
+           "same for one guided transformer forward (no text keys and values); see benchmarks/ceiling.py."]
+          if on_cpu else []),
         "GFLOP/s counts the transformer's matmul and attention work only"
         + (f"; MFU against a {peak:g} TFLOP/s dense half-precision peak." if peak else "."),
     ]

@@ -6,6 +6,7 @@ arithmetic, the memory sampler) are run without it; the engine itself is tested 
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import engine, model, sampler
-from benchmarks.pipelines import SIZES, matching_pipeline, reference_pipeline
+from benchmarks.ceiling import reference_ceiling
+from benchmarks.pipelines import SIZES, Sampling, matching_pipeline, reference_pipeline, reference_tokens
 from benchmarks.run import main
 from vqbatch.config import validate_job_config
 from vqbatch.engine import Progress
@@ -29,10 +31,24 @@ def test_model_benchmark_writes_json_and_table_with_equal_tokens(tmp_path, capsy
         assert row["same_tokens"] is True
         assert row["reference_images_per_s"] > 0 and row["vqbatch_images_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["vqbatch_images_per_s"] / row["reference_images_per_s"])
+        for ceiling in ("ceiling_same_kernels", "forward_ceiling_same_kernels"):
+            assert math.isfinite(row[ceiling]) and row[ceiling] > 1
     assert result["summary"]["all_same_tokens"] is True
     assert result["machine"]["cpu_cores"] >= 1 and result["machine"]["torch_threads"] >= 1
     table = (tmp_path / "model-tiny.md").read_text()
+    assert "| same_tokens | ceiling_same_kernels | forward_ceiling_same_kernels |" in table
     assert "| batch | steps |" in table and table in capsys.readouterr().out
+
+
+def test_ceiling_profiles_every_reference_forward_and_its_forced_kernels():
+    reference = reference_pipeline(SIZES["tiny"])
+    sampling = Sampling(guidance_scale=5.0, truncation_rate=0.86, seed=0, device="cpu")
+    result = reference_ceiling(reference, lambda: reference_tokens(reference, ["a red circle"], 3, sampling))
+    assert result.forwards == 3
+    assert 0 < result.forward_forced_s < result.forward_s
+    # the call also runs the text encoder's products, the VQ-VAE's convolutions and the random draws
+    assert result.forwards * result.forward_forced_s < result.forced_s < result.call_s
+    assert result.call > 1 and result.forward > 1
 
 
 def test_sampler_benchmark_full_chain_row_matches_the_reference(tmp_path):
