@@ -39,11 +39,11 @@ TEXT_PROJECTION = "ceiling: text keys and values"
 class Ceiling:
     """Times (seconds) of one profiled reference call and of the transformer forwards in it."""
 
-    call_s: float  # the whole call
-    forced_s: float  # forced kernels in the call, the text projections of one forward only
-    forward_s: float  # inside the transformer's forwards
-    forward_forced_s: float  # forced kernels inside them, without the text projections
-    forwards: int
+    call_s: float  # the whole call (wall clock)
+    forced_s: float  # the forced kernels' own time in the call, the text projections counted for one forward only
+    forward_s: float  # one transformer forward, the mean over the call's forwards
+    forward_forced_s: float  # the forced kernels' own time in one forward (mean), the text projections left out
+    forwards: int  # transformer forwards in the call
 
     @property
     def call(self) -> float:
@@ -76,6 +76,7 @@ def labelled(module: nn.Module, label: str) -> Iterator[None]:
 
 
 def labels_above(event) -> set[str]:
+    """The names of every range that encloses a profiled event."""
     labels, parent = set(), event.cpu_parent
     while parent is not None:
         labels.add(parent.name)
