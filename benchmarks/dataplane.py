@@ -3,17 +3,19 @@
 The no-op model returns a fixed tiny image per row, so the job measures the data plane alone: reading prompts,
 expanding rows and deriving seeds, moving batches through the actor, encoding and writing one PNG per row and one
 metadata file per `rows_per_file` rows, and publishing the manifest. The prompts are generated on the fly as Parquet
-files of `ROWS_PER_INPUT_FILE` rows (a sharded input, as a real prompt set is). Each prompt count runs on a fresh
-local Ray, first warmed by an untimed job of `WARM_UP_PROMPTS` prompts (as a long-running cluster is: worker
-processes started, their imports done), then timed; peak resident memory of the driver and of the Ray workers is
-sampled throughout the timed job (`benchmarks.memory`). Memory is flat when the peaks at 1M prompts match those at
-10k. Outputs are deleted only at the end: creating files where many were just deleted is slower on ext4, and a real
+files of `ROWS_PER_INPUT_FILE` rows (a sharded input, as a real prompt set is). Each prompt count runs in a fresh
+driver process on a fresh local Ray, first warmed by an untimed job of `WARM_UP_PROMPTS` prompts (as a long-running
+cluster is: worker processes started, their imports done), then timed; peak resident memory of the driver and of
+the Ray workers is sampled throughout the timed job (`benchmarks.memory`). Memory is flat when the peaks at 1M
+prompts match those at 10k. Outputs are deleted only at the end: creating files where many were just deleted is slower on ext4, and a real
 job writes to fresh storage.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from vqbatch.engine import Progress, connect_ray, run_job
 
 ROWS_PER_INPUT_FILE = 10_000
 WARM_UP_PROMPTS = 2_000
+NOOP_ACTOR_CPUS = 0.5
 PROMPT_WORDS = ("red", "green", "blue", "circle", "square", "triangle", "small", "large", "left", "right")
 
 
@@ -57,7 +60,9 @@ def job_config(settings: Settings, prompts: Path, output: Path) -> JobConfig:
     return validate_job_config({
         "input": {"paths": [str(prompts)]},
         "model": {"uri": NOOP_MODEL},
-        "compute": {"batch_size": settings.batch},
+        # the no-op model stands in for a GPU model, whose actor needs little of the host's CPU: one actor on half
+        # a CPU leaves the rest of the node to the read and write tasks
+        "compute": {"batch_size": settings.batch, "cpus_per_actor": NOOP_ACTOR_CPUS, "max_actors": 1},
         "output": {"uri": str(output), "rows_per_file": settings.rows_per_file},
     })
 
@@ -72,7 +77,7 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
         cpu_before = tree_cpu_seconds()
         with PeakMemory() as memory:
             summary = run_job(job_config(settings, prompts, scratch / f"out-{count}"), on_progress=progress.append)
-        cpu_seconds = tree_cpu_seconds() - cpu_before
+        cpu_seconds = cpu_seconds_since(cpu_before)
     finally:
         ray.shutdown()
     if summary.ok != count:
@@ -82,7 +87,8 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
     steady = (last.images_done - first.images_done) / (last.seconds - first.seconds) if len(progress) > 1 else None
     return {"prompts": count, "seconds": summary.seconds, "rows_per_s": count / summary.seconds,
             "first_file_s": first.seconds, "steady_rows_per_s": steady, "cpu_ms_per_row": 1000 * cpu_seconds / count,
-            "metadata_files": summary.metadata_files, "driver_peak_mib": peaks.driver_mib,
+            "metadata_files": summary.metadata_files, "driver_start_mib": peaks.driver_start_mib,
+            "driver_peak_mib": peaks.driver_mib,
             "largest_worker_peak_mib": peaks.largest_worker_mib,
             "largest_worker_private_peak_mib": peaks.largest_worker_private_mib,
             "largest_worker": peaks.largest_worker_name,
@@ -90,31 +96,46 @@ def measure(settings: Settings, count: int, scratch: Path) -> dict:
             "tree_peak_mib": peaks.tree_total_mib, "worker_processes": peaks.workers_seen}
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) so far of this process and every live descendant: Ray's processes included."""
-    total = 0.0
+def measure_in_a_fresh_driver(settings: Settings, count: int, scratch: Path) -> dict:
+    """`measure` in a new Python process: the driver's memory at one prompt count then owes nothing to the jobs
+    and Ray sessions of the counts before it (a Ray driver keeps some memory across `ray.shutdown`)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as driver:
+        return driver.submit(measure, settings, count, scratch).result()
+
+
+def tree_cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process and of every live descendant (Ray's processes), by pid."""
+    seconds = {}
     for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
             times = process.cpu_times()
         except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
             continue
-        total += times.user + times.system
-    return total
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_seconds_since(before: dict[int, float]) -> float:
+    """CPU seconds the process tree used since `before`, over the processes alive now (one that exited in between
+    is left out, rather than subtracting its earlier time)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in tree_cpu_seconds().items())
 
 
 def run(settings: Settings) -> Report:
     report = Report("dataplane", asdict(settings), machine("cpu"), columns=[
-        "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "cpu_ms_per_row", "driver_peak_mib",
+        "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "cpu_ms_per_row", "driver_start_mib",
+        "driver_peak_mib",
         "largest_worker_peak_mib", "largest_worker_private_peak_mib", "largest_worker", "workers_peak_mib",
         "workers_private_peak_mib", "tree_peak_mib", "worker_processes"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-dataplane-") as scratch:
         for count in settings.row_counts:
-            report.rows.append(measure(settings, count, Path(scratch)))
+            report.rows.append(measure_in_a_fresh_driver(settings, count, Path(scratch)))
             print(report.rows[-1], flush=True)
     first, last = report.rows[0], report.rows[-1]
     report.summary = {
         "min_rows_per_s": min(row["rows_per_s"] for row in report.rows),
         "driver_peak_growth": last["driver_peak_mib"] / first["driver_peak_mib"],
+        "driver_growth_during_job_mib": [row["driver_peak_mib"] - row["driver_start_mib"] for row in report.rows],
         "largest_worker_peak_growth": last["largest_worker_peak_mib"] / first["largest_worker_peak_mib"],
         "largest_worker_private_peak_growth":
             last["largest_worker_private_peak_mib"] / first["largest_worker_private_peak_mib"],
@@ -122,13 +143,14 @@ def run(settings: Settings) -> Report:
     report.notes += [
         f"no-op model ({NOOP_MODEL!r}): 8x8 grey PNG per row; one image per prompt; {settings.batch} rows per actor "
         f"call; {settings.rows_per_file} rows per metadata file; input written as {ROWS_PER_INPUT_FILE}-row "
-        "Parquet files; output on the local disk; the engine's default compute (a fresh local Ray per run).",
+        f"Parquet files; output on the local disk; one actor on {NOOP_ACTOR_CPUS} CPU (a fresh local Ray per run).",
         f"rows_per_s = prompts / job seconds, on a local Ray warmed by a {WARM_UP_PROMPTS}-prompt job (actor start, "
         "planning, reading, writing and the manifest included); first_file_s: seconds to the first metadata file; "
         "steady_rows_per_s: rows per second from the first metadata file to the last; cpu_ms_per_row: CPU time of the "
         "driver and every Ray process during the job, per row: on n idle cores the rate would be about "
         "1000 n / cpu_ms_per_row. "
-        "Memory: peak resident set sampled every 0.25 s; workers_peak_mib sums all Ray worker "
+        "Memory: peak resident set sampled every 0.25 s (driver_start_mib: the driver when the timed job starts, after the "
+        "warm-up job); workers_peak_mib sums all Ray worker "
         "processes (shared object-store pages count once per process that touched them); *_private_* leave shared "
         "pages out (a worker's own heap).",
     ]

@@ -17,6 +17,7 @@ MIB = 2**20
 @dataclass
 class Peaks:
     driver_mib: float = 0.0  # this process
+    driver_start_mib: float = 0.0  # this process at the first sample
     largest_worker_mib: float = 0.0  # the largest single Ray worker process
     largest_worker_private_mib: float = 0.0  # the same, less shared pages (Ray's object store, mapped files)
     largest_worker_name: str = ""  # the process name (`ray::<task or actor>`) of the largest private peak
@@ -92,6 +93,7 @@ class PeakMemory:
                 others.append(sizes[0])
         resident, private = [rss for rss, _ in workers], [own for _, own in workers]
         p = self.peaks
+        p.driver_start_mib = p.driver_start_mib or driver
         p.driver_mib = max(p.driver_mib, driver)
         p.largest_worker_mib = max(p.largest_worker_mib, max(resident, default=0.0))
         p.largest_worker_private_mib = max(p.largest_worker_private_mib, max(private, default=0.0))

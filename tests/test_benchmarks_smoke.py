@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -113,6 +114,7 @@ def test_peak_memory_sees_the_driver_and_its_children():
         child = subprocess.Popen([sys.executable, "-c", "import time; data = bytearray(64 * 2**20); time.sleep(1)"])
         child.wait()
     assert memory.peaks.driver_mib > 10
+    assert 10 < memory.peaks.driver_start_mib <= memory.peaks.driver_mib
     assert memory.peaks.tree_total_mib >= memory.peaks.driver_mib + 50  # the child's 64 MiB buffer was seen
 
 
@@ -133,3 +135,18 @@ def test_quality_benchmark_scores_every_setting_and_finds_the_cheapest_close_one
     assert summary["best_with_4x_fewer_calls"]["one_object_all"] == max(r["one_object_all"] for r in cheap)
     assert summary["gap_points"] == pytest.approx(
         100 * (rows[0]["one_object_all"] - summary["best_with_4x_fewer_calls"]["one_object_all"]), abs=0.05)
+
+
+def test_cpu_seconds_leave_out_a_process_that_exited_instead_of_subtracting_it():
+    psutil = pytest.importorskip("psutil", reason="the CPU count uses psutil (bench extra)")
+    from benchmarks import dataplane
+
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    while sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.3:
+        time.sleep(0.05)
+    before = dataplane.tree_cpu_seconds()
+    assert before[child.pid] >= 0.3
+    child.kill()
+    child.wait()
+    assert 0 <= dataplane.cpu_seconds_since(before) < 0.3

@@ -12,11 +12,13 @@ import torch
 
 from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
-from vqbatch.config import S3Config, load_job_config
-from vqbatch.engine import run_job
+from vqbatch.config import S3Config, load_job_config, validate_job_config
+from vqbatch.engine import actor_pool, build_dataset, run_job
 from vqbatch.io.dataset import METADATA_SCHEMA, OutputRoot, read_manifest, read_metadata
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image
+from vqbatch.io.prompts import open_input
+from vqbatch.io.versions import plan_version
 from vqbatch.pipeline import VQDiffusionPipeline
 from vqbatch.seeds import image_seed
 from vqbatch.tiny import write_tiny_checkpoint
@@ -98,6 +100,20 @@ def check_row_reproduces_alone(pipe, row):
                  truncation_rate=row["truncation_rate"], timestep_spacing=row["timestep_spacing"],
                  generator=torch.Generator().manual_seed(row["seed"]), output_type="latent")
     assert alone.tokens[0].tolist() == row["tokens"], f"row {row['id']}/{row['image_index']} does not reproduce"
+
+
+def test_the_read_task_also_cuts_the_actor_batches(tmp_path, capsys):
+    """Ray Data fuses the repartition into the read task only while the read keeps Ray's default task options. Run
+    apart, the repartition's one-CPU tasks and the reads hold every CPU the actor leaves on a small node, and no file
+    is written before the whole input is read."""
+    write_inputs(tmp_path / "in")
+    config = validate_job_config({"input": {"paths": [str(tmp_path / "in")]}, "model": {"uri": "noop"},
+                                  "output": {"uri": str(tmp_path / "out")}})
+    inputs = open_input(config.input, config.s3)
+    num_gpus, pool = actor_pool(config.compute)
+    build_dataset(config, inputs, num_gpus, pool, plan_version(config, inputs)).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "MapBatches(read_pending_rows)->StreamingRepartition" in optimized
 
 
 def test_s3_in_and_s3_out_through_the_engine(s3_endpoint, tmp_path):  # noqa: F811

@@ -270,6 +270,17 @@ def test_the_cluster_launcher_config_is_valid_for_this_ray_and_has_gpu_workers()
     assert any(f"pip install -q --no-deps {remote}" in command for command in config["setup_commands"])
 
 
+def test_cluster_nodes_keep_small_task_results_out_of_the_drivers_heap_as_a_local_ray_does():
+    from vqbatch.engine import LOCAL_RAY_SYSTEM_CONFIG
+
+    (name, value), = LOCAL_RAY_SYSTEM_CONFIG.items()
+    setting = f"RAY_{name}={value}"
+    environment = " ".join(arguments for instruction, arguments in dockerfile_instructions() if instruction == "ENV")
+    assert setting in environment.split(), f"infra/Dockerfile should set {setting}"
+    run_options = yaml.safe_load(LAUNCHER_CONFIG.read_text())["docker"]["run_options"]
+    assert f"--env {setting}" in run_options, f"infra/cluster-aws.yaml should pass --env {setting} to docker"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The job config and the commands the manifests run
 # ---------------------------------------------------------------------------------------------------------------
