@@ -115,6 +115,17 @@ def test_ids_must_be_strings_in_every_file_or_integers_in_every_file(tmp_path):
         open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
 
 
+def test_ids_whose_hashes_collide_are_compared_exactly(tmp_path):
+    """Duplicates are found by 8-byte hashes, then checked on the ids themselves: -1 and -2 share Python's hash."""
+    assert hash(-1) == hash(-2)
+    write_prompts(tmp_path / "a.parquet", id=[-1, 5], prompt=["p", "q"])
+    write_prompts(tmp_path / "b.parquet", id=[-2, 7], prompt=["r", "s"])
+    assert open_input(InputConfig(paths=[str(tmp_path)]), NO_S3).num_rows == 4
+    write_prompts(tmp_path / "c.parquet", id=[-2], prompt=["t"])
+    with pytest.raises(ValueError, match=r"1 duplicate id\(s\), e.g. '-2' \(2 rows\)"):
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+
+
 def test_a_seed_column_must_be_in_every_file_or_none(tmp_path):
     write_prompts(tmp_path / "a.parquet", id=["1"], prompt=["p"], seed=[5])
     write_prompts(tmp_path / "b.parquet", id=["2"], prompt=["q"])

@@ -23,8 +23,10 @@ import glob as globbing
 import posixpath
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -80,9 +82,9 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
     inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem))
-    counts, null_rows = read_ids(inputs, config)
+    id_hashes, null_rows = read_ids(inputs, config)
     check_ids_present(null_rows, config, filesystem)
-    check_ids_unique(counts, config)
+    check_ids_unique(id_hashes, inputs, config)
     return inputs
 
 
@@ -131,24 +133,37 @@ def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]
                          "replace or remove it") from None
 
 
-def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[Counter, dict[str, list[int]]]:
-    """How often each non-null id occurs, and per file the row numbers (from 0) of its null ids; reading every job
-    column whole finds corrupt pages before models load."""
-    counts: Counter = Counter()
+def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Python's hash of every non-null id (8 bytes per row, whatever the ids: the driver stays small for millions of
+    prompts), and per file the row numbers (from 0) of its null ids; reading every job column whole finds corrupt
+    pages before models load."""
+    hashes: list[np.ndarray] = []
     null_rows: dict[str, list[int]] = {}
     for path in inputs.paths:
         null_rows[path], start = [], 0
-        try:
-            with inputs.filesystem.open_input_file(path) as stream:
-                for batch in pq.ParquetFile(stream).iter_batches(columns=inputs.columns(config)):
-                    keys = id_keys(batch.column(config.id_column))
-                    counts.update(key for key in keys if key is not None)
-                    null_rows[path] += [start + row for row, key in enumerate(keys) if key is None]
-                    start += batch.num_rows
-        except (pa.ArrowException, OSError) as error:
-            raise ValueError(f"cannot read input file {to_uri(inputs.filesystem, path)} as Parquet ({error}); "
-                             "replace or remove it") from None
-    return counts, null_rows
+        for batch in job_column_batches(inputs, config, path):
+            keys = id_keys(batch.column(config.id_column))
+            hashes.append(np.fromiter((hash(key) for key in keys if key is not None), np.int64))
+            null_rows[path] += [start + row for row, key in enumerate(keys) if key is None]
+            start += batch.num_rows
+    return np.concatenate(hashes), null_rows
+
+
+def job_column_batches(inputs: InputFiles, config: InputConfig, path: str) -> Iterator[pa.RecordBatch]:
+    """The job's columns of one input file, batch by batch, or a ValueError naming the file it cannot read."""
+    try:
+        with inputs.filesystem.open_input_file(path) as stream:
+            yield from pq.ParquetFile(stream).iter_batches(columns=inputs.columns(config))
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"cannot read input file {to_uri(inputs.filesystem, path)} as Parquet ({error}); "
+                         "replace or remove it") from None
+
+
+def repeated_values(values: np.ndarray) -> np.ndarray:
+    """The distinct values that occur more than once in `values` (N,), which this sorts in place (no copy of a
+    million-row array)."""
+    values.sort()
+    return np.unique(values[1:][values[1:] == values[:-1]])
 
 
 def id_keys(column: pa.Array) -> list:
@@ -170,7 +185,16 @@ def shortened(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:NULLS_SHOWN])) + (", ..." if len(rows) > NULLS_SHOWN else "")
 
 
-def check_ids_unique(counts: Counter, config: InputConfig) -> None:
+def check_ids_unique(id_hashes: np.ndarray, inputs: InputFiles, config: InputConfig) -> None:
+    """Ids compare by hash first; only the ids behind a hash seen twice (a duplicate, or a rare collision) are read
+    again and compared exactly."""
+    suspects = set(repeated_values(id_hashes).tolist())
+    if not suspects:
+        return
+    counts: Counter = Counter()
+    for path in inputs.paths:
+        for batch in job_column_batches(inputs, config, path):
+            counts.update(key for key in id_keys(batch.column(config.id_column)) if hash(key) in suspects)
     duplicates = [(key, count) for key, count in counts.items() if count > 1]
     if duplicates:
         shown = ", ".join(f"{shown_text(key)!r} ({count} rows)" for key, count in duplicates[:DUPLICATES_SHOWN])

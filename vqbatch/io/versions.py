@@ -41,7 +41,7 @@ from vqbatch.hub import cache_root, looks_like_hub_id
 from vqbatch.io.dataset import (MANIFEST_NAME, METADATA_DIR, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove,
                                 rows_digest)
 from vqbatch.io.filesystems import exists, is_s3, list_files, read_bytes, resolve, write_bytes_atomically
-from vqbatch.io.prompts import InputFiles, expand_rows
+from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 
 SAMPLER_VERSION = 1  # raise it whenever a code change makes the same settings sample other tokens or images
 FINGERPRINT_NAME = "fingerprint.json"
@@ -346,8 +346,7 @@ def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:
     more than once (a duplicate, or a collision) are read again and compared exactly.
     """
     held = key_hashes(plan.held)
-    every = np.sort(np.concatenate([held, *(file.hashes for file in staged)]))  # (held + staged rows,)
-    repeated = np.unique(every[1:][every[1:] == every[:-1]])
+    repeated = repeated_values(np.concatenate([held, *(file.hashes for file in staged)]))
     if not repeated.size:  # no hash twice, so no key twice
         return [np.ones(len(file.hashes), bool) for file in staged]
     seen = set(plan.held.filter(pa.array(np.isin(held, repeated))).to_pylist())
