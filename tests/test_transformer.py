@@ -8,7 +8,7 @@ from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
 )
 
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
-from vqbatch.models.transformer import TextCache, VQDiffusionTransformer, sigmoid_gelu_by_rows_
+from vqbatch.models.transformer import TextCache, VQDiffusionTransformer
 
 # diffusers' own deprecation notes: on the "layer_norm" it writes into its config, and on its output class
 pytestmark = pytest.mark.filterwarnings("ignore:.*(norm_type|Transformer2DModelOutput).*:FutureWarning")
@@ -72,24 +72,6 @@ def test_log_probs_match_diffusers(overrides):
         assert got.shape == (3, TINY["num_vector_embeds"] - 1, overrides["sample_size"] ** 2)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-
-
-def test_activation_by_rows_has_the_bits_of_one_pass():
-    # 210 rows of 44: three full passes of 64 rows and a last one of 18; 9240 elements end in an 8-element tail
-    x = torch.randn(3, 70, 44, generator=torch.Generator().manual_seed(0)) * 4
-    expected = x * torch.sigmoid(1.702 * x)
-    got = sigmoid_gelu_by_rows_(x.clone(), rows=64)
-    assert torch.equal(got, expected)
-
-
-def test_forward_over_many_activation_passes_has_the_reference_bits():
-    overrides = dict(sample_size=12)  # 3 x 144 = 432 rows: seven passes of the activation
-    reference = reference_model(**overrides)
-    ours = our_copy(reference)
-    tokens, text = inputs({**TINY, **overrides})
-    for timestep in (0, 9):
-        with torch.no_grad():
-            assert torch.equal(ours(tokens, text, timestep), reference_log_probs(reference, tokens, text, timestep))
 
 
 def test_per_sample_timesteps_match_one_call_per_step():

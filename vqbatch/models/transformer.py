@@ -25,7 +25,6 @@ from vqbatch.configuration import ComponentConfig
 from vqbatch.models.modeling import PretrainedModel
 
 LOG_SOFTMAX_DTYPES = (torch.float64, torch.float32)
-ACTIVATION_ROWS = 64  # rows per pass of the CPU activation: a multiple of 16, so every pass splits at vector widths
 
 
 class VQDiffusionTransformerConfig(ComponentConfig):
@@ -155,22 +154,6 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-def sigmoid_gelu_by_rows_(x: torch.Tensor, rows: int = ACTIVATION_ROWS) -> torch.Tensor:
-    """x * sigmoid(1.702 x) in place, `rows` rows of the last dimension at a time through one small temporary.
-
-    The temporary stays in the core's cache and is reused, where one pass over the whole tensor makes a fresh
-    full-size one. Each element gets the bits of the whole-tensor pass as long as both split at the same vector
-    boundaries (the sigmoid's scalar tail rounds differently from its vector body): with one thread, or when each
-    thread's share of a pass is a multiple of 16 elements.
-    """
-    flat = x.view(-1, x.shape[-1])  # (N, F)
-    gate = torch.empty((min(rows, flat.shape[0]), flat.shape[1]), dtype=x.dtype, device=x.device)  # (rows, F)
-    for chunk in flat.split(rows):
-        part = gate[:chunk.shape[0]]
-        chunk.mul_(torch.mul(chunk, 1.702, out=part).sigmoid_())
-    return x
-
-
 class SigmoidGELU(nn.Module):
     """A projection, then GELU approximated as x * sigmoid(1.702 x) (Hendrycks & Gimpel, sec. 2); not gated."""
 
@@ -180,9 +163,7 @@ class SigmoidGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        if x.requires_grad or x.device.type != "cpu":  # autograd needs each gate; a GPU pass has no cache to fit
-            return x.mul_(torch.mul(x, 1.702).sigmoid_())
-        return sigmoid_gelu_by_rows_(x)
+        return x.mul_(torch.mul(x, 1.702).sigmoid_())
 
 
 ACTIVATIONS = {"geglu": GEGLU, "geglu-approximate": SigmoidGELU}
