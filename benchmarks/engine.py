@@ -82,6 +82,15 @@ def steady_rate(progress: list[Progress]) -> float | None:
     return (last.images_done - middle.images_done) / (last.seconds - middle.seconds)
 
 
+def first_to_last_file_rate(progress: list[Progress]) -> float | None:
+    """Images/s from the first written file to the last: the job once its actor runs (Ray's start, the actor's
+    imports and the model load are before the first file). None with fewer than two files."""
+    first, last = progress[0], progress[-1]
+    if len(progress) < 2 or last.seconds - first.seconds < 1e-3:
+        return None
+    return (last.images_done - first.images_done) / (last.seconds - first.seconds)
+
+
 def run_engine(config: JobConfig) -> tuple[float | None, float, float, list[Progress]]:
     """(steady images/s, end-to-end images/s, seconds, progress after each file) of one job."""
     progress: list[Progress] = []
@@ -120,7 +129,8 @@ def same_tokens_fraction(config: JobConfig, bare_tokens: dict) -> float:
 
 def run(settings: Settings) -> Report:
     report = Report("engine", asdict(settings), machine(settings.device), columns=[
-        "images", "steps", "batch", "bare_loop_images_per_s", "engine_images_per_s", "efficiency", "streamed",
+        "images", "steps", "batch", "bare_loop_images_per_s", "engine_images_per_s", "efficiency", "running_efficiency",
+        "streamed",
         "first_file_s", "engine_seconds", "same_tokens_fraction"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-bench-") as scratch:
         folder = Path(scratch)
@@ -136,20 +146,26 @@ def run(settings: Settings) -> Report:
         bare = run_bare_loop(config, ids, distinct_prompts(settings.images), int(cpus_per_actor))
         same = same_tokens_fraction(config, bare.tokens)
     efficiency = end_to_end / bare.end_to_end_images_per_s
+    running = first_to_last_file_rate(progress)
+    running_efficiency = running / bare.steady_images_per_s if running else None
     report.rows.append({"images": settings.images, "steps": settings.steps, "batch": settings.batch,
                         "bare_loop_images_per_s": bare.end_to_end_images_per_s, "engine_images_per_s": end_to_end,
-                        "efficiency": efficiency, "streamed": steady is not None,
+                        "efficiency": efficiency, "running_efficiency": running_efficiency,
+                        "streamed": steady is not None,
                         "first_file_s": progress[0].seconds, "engine_seconds": seconds, "same_tokens_fraction": same,
                         "bare_loop_after_first_batch_images_per_s": bare.steady_images_per_s,
                         "engine_second_half_images_per_s": steady,
                         "files_written_at": [[round(p.seconds, 2), p.images_done] for p in progress]})
-    report.summary = {"efficiency": efficiency, "cpus_per_actor": cpus_per_actor, "streamed": steady is not None}
+    report.summary = {"efficiency": efficiency, "running_efficiency": running_efficiency,
+                      "cpus_per_actor": cpus_per_actor, "streamed": steady is not None}
     report.notes += [
         f"config {settings.size!r}, {settings.dtype} on {settings.device}, guidance {GUIDANCE_SCALE}, truncation "
         f"{TRUNCATION_RATE}, one image per prompt, PNG output, one metadata file per batch.",
         f"the actor held {cpus_per_actor:g} CPU(s); the bare loop ran {int(cpus_per_actor)} torch thread(s).",
         "efficiency = engine images/s (the whole job: actor start, model load, publishing) / bare-loop images/s "
-        "(model load included); streamed: the job wrote its files one after another rather than all at the end; "
+        "(model load included); running_efficiency = engine images/s from its first file to its last / bare-loop "
+        "images/s after its first batch: the job once its actor samples, without the fixed start-up (Ray, the "
+        "actor's imports, the model load) that a long job spreads thin; streamed: the job wrote its files one after another rather than all at the end; "
         "first_file_s: seconds to the first file; same_tokens_fraction: images whose tokens equal the bare loop's.",
     ]
     if steady is None:

@@ -91,6 +91,12 @@ def test_engine_steady_rate_uses_the_second_half_of_the_files():
     assert engine.steady_rate(at_once) is None
 
 
+def test_engine_running_rate_counts_from_the_first_file_to_the_last():
+    progress = [Progress(images, 8, seconds) for images, seconds in [(2, 30.0), (4, 32.0), (6, 35.0), (8, 36.0)]]
+    assert engine.first_to_last_file_rate(progress) == pytest.approx(6 / 6)
+    assert engine.first_to_last_file_rate(progress[:1]) is None
+
+
 def test_dataplane_prompt_files_are_sharded_and_distinct(tmp_path):
     pytest.importorskip("psutil", reason="the data-plane benchmark samples memory with psutil (bench extra)")
     from benchmarks import dataplane
