@@ -7,8 +7,8 @@ files of `ROWS_PER_INPUT_FILE` rows (a sharded input, as a real prompt set is). 
 driver process on a fresh local Ray, first warmed by an untimed job of `WARM_UP_PROMPTS` prompts (as a long-running
 cluster is: worker processes started, their imports done), then timed; peak resident memory of the driver and of
 the Ray workers is sampled throughout the timed job (`benchmarks.memory`). Memory is flat when the peaks at 1M
-prompts match those at 10k. Outputs are deleted only at the end: creating files where many were just deleted is slower on ext4, and a real
-job writes to fresh storage.
+prompts match those at 10k. Outputs are deleted only at the end: creating files where many were just deleted is
+slower on ext4, and a real job writes to fresh storage.
 """
 
 from __future__ import annotations
@@ -149,9 +149,8 @@ def run(settings: Settings) -> Report:
         "steady_rows_per_s: rows per second from the first metadata file to the last; cpu_ms_per_row: CPU time of the "
         "driver and every Ray process during the job, per row: on n idle cores the rate would be about "
         "1000 n / cpu_ms_per_row. "
-        "Memory: peak resident set sampled every 0.25 s (driver_start_mib: the driver when the timed job starts, after the "
-        "warm-up job); workers_peak_mib sums all Ray worker "
-        "processes (shared object-store pages count once per process that touched them); *_private_* leave shared "
-        "pages out (a worker's own heap).",
+        "Memory: peak resident set sampled every 0.25 s (driver_start_mib: the driver when the timed job starts, "
+        "after the warm-up job); workers_peak_mib sums all Ray worker processes (shared object-store pages count "
+        "once per process that touched them); *_private_* leave shared pages out (a worker's own heap).",
     ]
     return report

@@ -165,8 +165,9 @@ def run(settings: Settings) -> Report:
         "efficiency = engine images/s (the whole job: actor start, model load, publishing) / bare-loop images/s "
         "(model load included); running_efficiency = engine images/s from its first file to its last / bare-loop "
         "images/s after its first batch: the job once its actor samples, without the fixed start-up (Ray, the "
-        "actor's imports, the model load) that a long job spreads thin; streamed: the job wrote its files one after another rather than all at the end; "
-        "first_file_s: seconds to the first file; same_tokens_fraction: images whose tokens equal the bare loop's.",
+        "actor's imports, the model load) that a long job spreads thin; streamed: the job wrote its files one after "
+        "another rather than all at the end; first_file_s: seconds to the first file; same_tokens_fraction: images "
+        "whose tokens equal the bare loop's.",
     ]
     if steady is None:
         report.notes.append("the job's files all came at once, at its end: sampling did not overlap writing.")
