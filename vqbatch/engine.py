@@ -357,4 +357,4 @@ def connect_ray(address: str | None = None) -> None:
         except ConnectionError:
             if address != "auto":
                 raise
-    ray.init(address="local", include_dashboard=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    ray.init(address="local", include_dashboard=False, _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))  # Ray adds keys
