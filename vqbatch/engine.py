@@ -256,7 +256,7 @@ WRITE_TASK_CPUS = 0.5
 #   a rerun overwrites rather than duplicates). Read tasks keep Ray's default options, with no retry of their own:
 #   any task option on the read stops Ray Data from fusing the repartition into it, and the repartition then runs
 #   as separate one-CPU tasks that, with the read, hold every CPU the actors leave, so no file is written before
-#   the whole input is read (measured: the first metadata file of a 1M-prompt job came after 100 s, not 10 s). A
+#   the whole input is read (measured: the first metadata file of a 1M-prompt job came after 100 s, not 15-20 s). A
 #   read that still fails fails the job, and `refresh` picks it up where it stopped.
 # - No block may be dropped (`max_errored_blocks=0`): a row never vanishes silently; the job fails instead.
 ACTOR_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=3)
