@@ -15,6 +15,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from vqbatch.choices import CompileMode, Device, DType, ImageFormat, OutputMode, Sampler, TimestepSpacing
+
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
 
 
@@ -45,11 +47,11 @@ class InputConfig(Section):
 
 class ModelConfig(Section):
     uri: str = Field(min_length=1)  # checkpoint folder, s3:// URI, hub id, or "noop"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
+    dtype: DType = "float32"
+    device: Device = "auto"  # auto: cuda when the actor has a GPU
     # torch.compile mode of the transformer (VQDiffusionPipeline.compile_transformer); None: not compiled.
     # reduce-overhead adds CUDA graphs (GPU). Each batch size compiles once per actor, on its first batch.
-    compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    compile: CompileMode | None = None
 
 
 class SamplingConfig(Section):
@@ -57,9 +59,9 @@ class SamplingConfig(Section):
     guidance_scale: float = Field(5.0, ge=0)  # classifier-free guidance weight; <= 1 disables guidance
     truncation_rate: float = Field(1.0, gt=0, le=1)  # keep the most likely classes holding this probability mass
     images_per_prompt: int = Field(1, ge=1)
-    timestep_spacing: Literal["reference", "skip"] = "reference"  # skip: fewer steps spread over the whole chain
+    timestep_spacing: TimestepSpacing = "reference"  # skip: fewer steps spread over the whole chain
     # purity: Improved VQ-Diffusion's purity prior, the surest tokens unmasked first and kept (schedulers/purity.py)
-    sampler: Literal["reference", "purity"] = "reference"
+    sampler: Sampler = "reference"
     prior_weight: float = Field(0.0, ge=0, allow_inf_nan=False)  # r of the purity prior: sharpens the surest tokens
     base_seed: int = Field(0, ge=0, lt=2**63)  # seeds of rows without their own seed derive from it
 
@@ -92,12 +94,12 @@ class ComputeConfig(Section):
 
 class OutputConfig(Section):
     uri: str = Field(min_length=1)  # local folder or s3://bucket/prefix
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_format: ImageFormat = "png"
     image_quality: int = Field(95, ge=1, le=100)  # jpeg and webp only
     rows_per_file: int = Field(1000, ge=1)  # rows per metadata Parquet file
     # what to do when the output already holds a dataset: refuse it, replace it, or add the rows it lacks as a new
     # version (`vqbatch refresh`, `generate --resume`; also finishes a killed run)
-    mode: Literal["error", "overwrite", "refresh"] = "error"
+    mode: OutputMode = "error"
 
 
 class S3Config(Section):

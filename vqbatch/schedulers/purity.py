@@ -31,14 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
-from typing import Literal
-
 import torch
 
+from vqbatch.choices import SAMPLERS, check_choice
 from vqbatch.schedulers.vq_diffusion import LOG_TINY, VQDiffusionScheduler, gumbel_noised
 
-Sampler = Literal["reference", "purity"]
-SAMPLERS = ("reference", "purity")  # reference: VQDiffusionScheduler.step (diffusers); purity: this module
 DEFAULT_PRIOR_WEIGHT = 0.0  # r of eq. 11, the official default
 
 
@@ -56,8 +53,7 @@ def checked_prior_weight(prior_weight: float) -> float:
 
 def check_sampler(sampler: str, prior_weight: float) -> None:
     """`sampler` is one of SAMPLERS; a nonzero `prior_weight` needs the purity sampler, which alone reads it."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
+    check_choice("sampler", sampler, SAMPLERS)
     checked_prior_weight(prior_weight)
     if sampler != "purity" and prior_weight != 0:
         raise ValueError(f"prior_weight={prior_weight!r} applies only to sampler='purity' (got sampler={sampler!r}); "

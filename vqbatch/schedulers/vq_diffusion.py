@@ -32,15 +32,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from vqbatch.choices import TIMESTEP_SPACINGS, TimestepSpacing, check_choice
 from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
 
-Spacing = Literal["reference", "skip"]
-SPACINGS = ("reference", "skip")
 TINY = 1e-30  # the probability floor of the reference sampler: log(0) is stored as log(1e-30)
 LOG_TINY = torch.tensor(TINY).log()  # () float32, ≈ -69.08
 
@@ -205,21 +204,20 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
         self.log_at, self.log_bt, self.log_ct = self.transition_log_probs(
             torch.arange(-1, num_train_timesteps - 1), torch.arange(num_train_timesteps))  # (T,) single steps
         self.num_inference_steps: int | None = None
-        self.spacing: Spacing = "reference"
+        self.spacing: TimestepSpacing = "reference"
         self._use_timesteps(list(range(num_train_timesteps - 1, -1, -1)), device=None)
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
-                      spacing: Spacing = "reference") -> None:
+                      spacing: TimestepSpacing = "reference") -> None:
         """Choose the timesteps `step` runs through; see the module docstring for the two spacings."""
         T = self.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) \
                 or not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), "
                              f"got {num_inference_steps!r}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(map(repr, SPACINGS))}; got {spacing!r}")
+        check_choice("spacing", spacing, TIMESTEP_SPACINGS)
         n = int(num_inference_steps)
         if spacing == "reference":
             timesteps = list(range(n - 1, -1, -1))

@@ -1,0 +1,40 @@
+"""Every enumerated setting's allowed values, written once: the job config, the CLI's `choices=` and the pipeline
+read them from here. Torch-free and Ray-free, so the config and the CLI can check settings before anything loads.
+
+Each name pairs a `Literal` type (for pydantic and signatures) with the tuple of its values (for `choices=` and
+error messages); `typing.get_args` keeps the two the same.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# How each reverse step draws the previous tokens: "reference" is VQ-Diffusion's posterior step (diffusers), "purity"
+# Improved VQ-Diffusion's purity prior (vqbatch/schedulers/purity.py).
+Sampler = Literal["reference", "purity"]
+# Which timesteps a run of N steps visits: "reference" the chain's last N (diffusers), "skip" N spread over it all.
+TimestepSpacing = Literal["reference", "skip"]
+# Weights' and activations' dtype of a loaded model.
+DType = Literal["float32", "float16", "bfloat16"]
+# Where an engine actor runs its model: "auto" is cuda when the actor holds a GPU.
+Device = Literal["auto", "cpu", "cuda"]
+# torch.compile modes of the transformer; "reduce-overhead" adds CUDA graphs.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# Encodings of stored images.
+ImageFormat = Literal["png", "jpeg", "webp"]
+# What a run does with an output that already holds a dataset.
+OutputMode = Literal["error", "overwrite", "refresh"]
+
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
+DTYPES: tuple[str, ...] = get_args(DType)
+DEVICES: tuple[str, ...] = get_args(Device)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
+OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """A ValueError naming the setting, the value and the allowed ones when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
