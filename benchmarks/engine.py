@@ -2,7 +2,7 @@
 
 The pipeline (the `--config` size, random weights) is saved as a checkpoint; the job reads a Parquet file of distinct
 prompts, samples them on the actor pool, encodes PNGs and writes them with the metadata. The bare loop runs the
-actor's own model class (`vqbatch.engine.PipelineModel`) over the same prompts, seeds and batch size in this process,
+actor's own model class (`vqbatch.sampler.PipelineModel`) over the same prompts, seeds and batch size in this process,
 with no reading, encoding or writing. Efficiency = engine images/s / bare-loop images/s, both end to end: the whole
 job (actor start, model load, publishing) against the bare loop with its model load. The JSON also holds the rates
 after start-up (the engine over the second half of its files, the bare loop after its first batch) and when each
@@ -29,8 +29,9 @@ import torch
 from benchmarks.pipelines import SIZES, distinct_prompts, matching_pipeline, reference_pipeline
 from benchmarks.report import Report, machine, seconds_of
 from vqbatch.config import JobConfig, validate_job_config
-from vqbatch.engine import PipelineModel, Progress, run_job
+from vqbatch.engine import Progress, run_job
 from vqbatch.io.dataset import OutputRoot, read_metadata
+from vqbatch.sampler import PipelineModel
 from vqbatch.seeds import image_seed
 
 GUIDANCE_SCALE, TRUNCATION_RATE, BASE_SEED = 5.0, 0.86, 0

@@ -11,7 +11,8 @@ from vqbatch import batch_size
 from vqbatch.batch_size import (AUTO_BATCH_LIMIT, PROBE_BATCHES, PROBE_STEPS, MemoryLine, largest_batch,
                                 measure_line, memory_share, peak_memory_bytes, probe_batch_size)
 from vqbatch.config import ComputeConfig, JobConfig, validate_job_config
-from vqbatch.engine import PipelineModel, build_model, resolve_batch_size
+from vqbatch.engine import resolve_batch_size
+from vqbatch.sampler import PipelineModel, build_model
 from vqbatch.tiny import write_tiny_checkpoint
 
 MIB, GIB = 2**20, 2**30

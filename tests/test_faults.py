@@ -12,10 +12,11 @@ import pytest
 import ray
 
 from vqbatch.config import S3Config, load_job_config
-from vqbatch.engine import PipelineModel, run_job
+from vqbatch.engine import run_job
 from vqbatch.faults import ResilientSampler
 from vqbatch.io.dataset import OutputRoot, read_metadata
 from vqbatch.io.filesystems import resolve
+from vqbatch.sampler import PipelineModel
 from vqbatch.tiny import write_tiny_checkpoint
 
 SAMPLING = {"steps": 3, "guidance_scale": 3.0, "truncation_rate": 0.9}

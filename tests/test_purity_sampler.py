@@ -8,10 +8,10 @@ import torch
 from test_pipeline import checkpoint, pipe  # noqa: F401  (the tiny checkpoint and its pipeline)
 from vqbatch.cli import GENERATE_FLAGS, build_parser, main
 from vqbatch.config import ModelConfig, SamplingConfig, load_job_config
-from vqbatch.engine import PipelineModel
 from vqbatch.io.dataset import metadata_table, sampled_table
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.proof import parameter_groups
+from vqbatch.sampler import PipelineModel
 from vqbatch.schedulers.purity import PurityPriorScheduler, check_sampler, pixels_to_unmask
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 from vqbatch.tiny import CODEBOOK_SIZE, LATENT_SIZE

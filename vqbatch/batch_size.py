@@ -136,7 +136,7 @@ def memory_budget(device: torch.device, compute: ComputeConfig) -> float:
 # The probe
 # ---------------------------------------------------------------------------------------------------------------
 
-# Builds the actor's model (`vqbatch.engine.build_model`): it has `sample(prompts, seeds)` and a `device`.
+# Builds the actor's model (`vqbatch.sampler.build_model`): it has `sample(prompts, seeds)` and a `device`.
 ModelBuilder = Callable[[ModelConfig, SamplingConfig], Any]
 
 

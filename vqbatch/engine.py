@@ -17,6 +17,7 @@ model loads (`open_input`, `prepare_output`, `check_model_location`).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -24,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -36,75 +36,16 @@ from vqbatch.faults import ResilientSampler
 from vqbatch.hub import looks_like_hub_id
 from vqbatch.io.dataset import check_output, prepare_output, sampled_table, write_shard
 from vqbatch.io.filesystems import is_s3
-from vqbatch.io.images import to_uint8
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
+from vqbatch.sampler import build_model, sample_rows
 
-NOOP_IMAGE_SIZE = 8  # the no-op model's images are NOOP_IMAGE_SIZE x NOOP_IMAGE_SIZE mid-grey squares
-NOOP_LATENT_PIXELS = 16  # and its tokens are this many zeros
 SHARD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64())])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models an actor can hold: built by `build_model` from the model config
+# The actor
 # ---------------------------------------------------------------------------------------------------------------
-
-class PipelineModel:
-    """VQ-Diffusion: each image sampled with its own `torch.Generator().manual_seed(seed)`."""
-
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig):
-        import torch
-
-        from vqbatch.pipeline import VQDiffusionPipeline
-
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
-        self.pipe = VQDiffusionPipeline.from_pretrained(model.uri, torch_dtype=getattr(torch, model.dtype),
-                                                        device=self.device)
-        if model.compile:
-            self.pipe.compile_transformer(model.compile)
-        self.sampling = sampling
-
-    def sample(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens (N, P) int and pixels (N, H, W, 3) uint8 of one image per (prompt, seed)."""
-        import torch
-
-        output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
-                           guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
-                           timestep_spacing=self.sampling.timestep_spacing, sampler=self.sampling.sampler,
-                           prior_weight=self.sampling.prior_weight, output_type="latent",
-                           generator=[torch.Generator().manual_seed(seed) for seed in seeds])
-        # each image decoded alone: the decoder's rounding then does not depend on the batch it was sampled in
-        images = np.concatenate([self.pipe.decode_tokens(row[None], output_type="np") for row in output.tokens])
-        return output.tokens.cpu().numpy(), to_uint8(images)
-
-    def prompt_truncated(self, prompts: list[str]) -> list[bool]:
-        """Whether the sampler cuts each prompt: its tokens, start and end marks included, pass the tokenizer's limit
-        (77 for CLIP), counted by the loaded model's own tokenizer."""
-        tokenizer = self.pipe.tokenizer
-        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-        return [length > tokenizer.model_max_length for length in lengths]
-
-
-class NoopModel:
-    """No model at all: zero tokens and a fixed tiny grey image per row, to measure the data plane alone."""
-
-    device = "cpu"  # where auto batch sizing measures it: no activations, so it gets the largest batch
-
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig):
-        self.pixels = np.full((NOOP_IMAGE_SIZE, NOOP_IMAGE_SIZE, 3), 128, np.uint8)
-
-    def sample(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        count = len(prompts)
-        return np.zeros((count, NOOP_LATENT_PIXELS), np.int64), np.broadcast_to(self.pixels, (count, *self.pixels.shape))
-
-    def prompt_truncated(self, prompts: list[str]) -> list[None]:
-        return [None] * len(prompts)  # no tokenizer: not known
-
-
-def build_model(model: ModelConfig, sampling: SamplingConfig) -> PipelineModel | NoopModel:
-    """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`."""
-    return NoopModel(model, sampling) if model.uri == NOOP_MODEL else PipelineModel(model, sampling)
-
 
 class SampleBatches:
     """The actor: loads the model once, then samples whole batches of image rows; error rows pass through.
@@ -114,8 +55,7 @@ class SampleBatches:
     """
 
     def __init__(self, config: JobConfig):
-        self.model = build_model(config.model, config.sampling)
-        self.sampler = ResilientSampler(self.sample_rows)
+        self.sampler = ResilientSampler(functools.partial(sample_rows, build_model(config.model, config.sampling)))
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         statuses, errors, prompts, seeds = (rows.column(name).to_pylist()
@@ -131,11 +71,6 @@ class SampleBatches:
         rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
         rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         return sampled_table(rows, tokens, pixels, truncated)
-
-    def sample_rows(self, prompts: list[str], seeds: list[int]) -> list[tuple[list[int], np.ndarray, bool | None]]:
-        """(tokens, pixels (H, W, 3), prompt truncated) per row."""
-        tokens, pixels = self.model.sample(prompts, seeds)
-        return list(zip(tokens.tolist(), pixels, self.model.prompt_truncated(prompts)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

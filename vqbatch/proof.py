@@ -2,12 +2,12 @@
 
     metadata rows (id, prompt, seed, model, steps, ...)      read from a published dataset
       -> select (`--ids` or a `--where` filter)              rerun; verify draws a random sample instead
-      -> regenerate with the engine's own sampler            `engine.build_model`, one per (model, sampling) group
+      -> regenerate with the engine's own sampler            `sampler.build_model`, one per (model, sampling) group
       -> rerun: write a separate dataset                     `<output>/reruns/rerun-<digest of the rows>` by default
          verify: compare tokens and images bit for bit       a `VerifyReport`
 
 Regeneration runs in this process, without Ray: it is meant for the few rows a user reruns or samples. It samples
-with the same sampler the engine's actors call (`engine.build_model`), so a row regenerates exactly when sampling does
+with the same sampler the engine's actors call (`vqbatch.sampler`), so a row regenerates exactly when sampling does
 not depend on which other rows shared its batch (see docs/reproducibility.md).
 
 An image matches when its stored file, decoded, has the same pixels as the regenerated image after the same
@@ -36,6 +36,7 @@ from vqbatch.io.dataset import (OutputRoot, check_output, prepare_output, publis
 from vqbatch.io.filesystems import read_bytes, resolve, to_uri
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.sampler import build_model
 
 RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
 PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing", "sampler",
@@ -154,7 +155,7 @@ def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
     tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
     prompts, seeds = rows.column("prompt").to_pylist(), rows.column("seed").to_pylist()
     for (model, sampling), positions in parameter_groups(rows, manifest, device):
-        sampler = load_sampler(model, sampling)
+        sampler = build_model(model, sampling)  # the engine's own sampler: the code path that made the dataset
         for batch in chunks(positions, batch_size):
             batch_tokens, batch_pixels = sampler.sample([prompts[i] for i in batch], [seeds[i] for i in batch])
             for position, row_tokens, image in zip(batch, batch_tokens, batch_pixels):
@@ -173,12 +174,6 @@ def parameter_groups(rows: pa.Table, manifest: dict,
         stored = dict(zip(names, key))
         model = ModelConfig(uri=stored.pop("model"), dtype=manifest["model"]["dtype"], device=device)
         yield (model, SamplingConfig(**{**manifest["sampling"], **stored})), positions
-
-
-def load_sampler(model: ModelConfig, sampling: SamplingConfig):
-    from vqbatch.engine import build_model  # the engine's own sampler: the code path that made the dataset
-
-    return build_model(model, sampling)
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
