@@ -98,7 +98,7 @@ def run(settings: Settings) -> Report:
 
     rows = [
         compare("transformer", lambda: reference.transformer(doubled, encoder_hidden_states=text, timestep=t).sample,
-                lambda: ours.transformer(doubled, timestep=t, text_cache=text_cache), close, repeats,
+                lambda: ours.transformer(doubled, timestep=t, text_cache=text_cache).sample, close, repeats,
                 "one guided forward (2B rows)"),
         compare("guidance", reference_guidance, lambda: guide_(halves[0].clone(), halves[1].clone(), GUIDANCE_SCALE),
                 close, repeats, "combine the halves, renormalise (vqbatch's time includes two input copies)"),

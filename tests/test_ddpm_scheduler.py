@@ -6,7 +6,6 @@ Known diffusers 0.42.1 quirks these tests work around (we do better, on purpose)
 - `trailing` spacing builds its steps with a float `np.arange`, which for some n (e.g. 61 of 1000) yields one extra
   timestep -1; ours yields exactly n timesteps.
 - custom `timesteps` leave `num_inference_steps` at None there; ours sets it to their count.
-- `previous_timestep` returns a tensor once timesteps are set; ours always returns an int.
 - epsilon prediction at ᾱ_t = 0 (zero terminal SNR) returns inf/NaN there; ours raises ValueError.
 - invalid arguments raise TypeError, IndexError, ZeroDivisionError or nothing there; ours raise ValueError.
 """
@@ -228,10 +227,30 @@ def test_previous_timestep():
     ours.set_timesteps(10)
     reference.set_timesteps(10)
     for t in ours.timesteps:
-        assert ours.previous_timestep(t) == int(reference.previous_timestep(t))
-    assert ours.previous_timestep(0) == -1
+        got, expected = ours.previous_timestep(t), reference.previous_timestep(t)
+        assert isinstance(got, torch.Tensor) and got.ndim == 0 and got.item() == expected.item()
+    assert ours.previous_timestep(0).item() == -1 and isinstance(ours.previous_timestep(int(ours.timesteps[3])),
+                                                                  torch.Tensor)
     with pytest.raises(ValueError, match="timestep 5 is not one of"):
         ours.previous_timestep(5)
+
+
+def test_positional_constructor_and_order_as_diffusers():
+    arguments = (500, 0.001, 0.03, "scaled_linear", None, "fixed_large")
+    ours, reference = DDPMScheduler(*arguments), ReferenceScheduler(*arguments)
+    assert ours.config.num_train_timesteps == 500 and ours.config.variance_type == "fixed_large"
+    torch.testing.assert_close(ours.alphas_cumprod, reference.alphas_cumprod.to(ours.alphas_cumprod.dtype))
+    assert DDPMScheduler.order == ReferenceScheduler.order == 1
+
+
+def test_step_output_indexes_like_diffusers():
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(10)
+    output = scheduler.step(torch.randn(1, 3, 4, 4), scheduler.timesteps[0], torch.randn(1, 3, 4, 4))
+    assert output[0] is output.prev_sample and output[1] is output.pred_original_sample
+    assert list(output.keys()) == ["prev_sample", "pred_original_sample"]
+    assert output.to_tuple() == (output.prev_sample, output.pred_original_sample)
+    assert list(DDPMSchedulerOutput(prev_sample=output.prev_sample).keys()) == ["prev_sample"]  # None is no key
 
 
 def test_initial_state_and_attributes_match_diffusers():

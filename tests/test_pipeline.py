@@ -137,12 +137,26 @@ def test_decode_tokens_reproduces_the_images(pipe):
     np.testing.assert_array_equal(np.asarray(pil[1]), (output.images[1] * 255).round().astype(np.uint8))
 
 
-def test_latent_output_and_tuple_return(pipe):
-    latent = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="latent")
-    assert latent.images is None
-    images, tokens = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np",
-                          return_dict=False)
-    assert torch.equal(tokens, latent.tokens) and images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+def test_latent_output_and_tuple_return(pipe, reference):
+    seeded = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    latent = pipe(PROMPT, output_type="latent", **seeded)
+    assert latent.images is None and list(latent.keys()) == ["tokens"] and latent[0] is latent.tokens
+    seeded["generator"].manual_seed(1)
+    as_tuple = pipe(PROMPT, output_type="np", return_dict=False, **seeded)
+    seeded["generator"].manual_seed(1)
+    expected = reference(PROMPT, output_type="np", return_dict=False, **seeded)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected) == 1  # (images,) as diffusers returns
+    np.testing.assert_allclose(as_tuple[0], expected[0], atol=1e-5, rtol=0)
+    seeded["generator"].manual_seed(1)
+    (tokens,) = pipe(PROMPT, output_type="latent", return_dict=False, **seeded)
+    assert torch.equal(tokens, latent.tokens)
+
+
+def test_output_indexes_like_diffusers(pipe):
+    output = pipe(PROMPTS, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert output[0] is output.images is output["images"] and len(output[0]) == 3
+    assert list(output.keys()) == ["images", "tokens"] and output.to_tuple() == (output.images, output.tokens)
+    assert output[-1] is output.tokens and dict(output) == {"images": output.images, "tokens": output.tokens}
 
 
 def test_callback_every_callback_steps(pipe):

@@ -29,8 +29,8 @@ def test_compiled_forward_matches_the_eager_one(eager_and_compiled):
     with torch.no_grad():
         text = eager.text_conditions(PROMPTS, 1, guided=True)
         for t in (0, 5):
-            expected = eager.transformer(tokens, timestep=torch.tensor(t), text_cache=text)
-            got = compiled.transformer(tokens, timestep=torch.tensor(t), text_cache=text)
+            expected = eager.transformer(tokens, timestep=torch.tensor(t), text_cache=text).sample
+            got = compiled.transformer(tokens, timestep=torch.tensor(t), text_cache=text).sample
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 

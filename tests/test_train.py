@@ -76,7 +76,7 @@ def fixed_batch_losses(models, config: TrainConfig, images, captions, tokens) ->
         reconstruction = vqvae_loss(models.vqvae, images_to_tensor(images[rows])).reconstruction.item()
         text = conditions(models.tokenizer, models.text_encoder, models.unconditional,
                           [captions[i] for i in rows.tolist()], torch.zeros(16, dtype=torch.bool))
-        log_p_x_0 = models.transformer(x_t, text, t, log_softmax_dtype=torch.float32)
+        log_p_x_0 = models.transformer(x_t, text, t, log_softmax_dtype=torch.float32).sample
         diffusion = diffusion_loss(log_p_x_0, x_0, x_t, t, schedule, config.aux_weight).total.item()
     return reconstruction, diffusion
 

@@ -68,7 +68,7 @@ def test_log_probs_match_diffusers(overrides):
     for timestep in (0, 4, TINY["num_embeds_ada_norm"] - 1):
         expected = reference_log_probs(reference, tokens, text, timestep)
         with torch.no_grad():
-            got = ours(tokens, text, timestep)
+            got = ours(tokens, text, timestep).sample
         assert got.shape == (3, TINY["num_vector_embeds"] - 1, overrides["sample_size"] ** 2)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -80,7 +80,7 @@ def test_per_sample_timesteps_match_one_call_per_step():
     tokens, text = inputs(TINY)
     steps = torch.tensor([7, 0, 3])
     with torch.no_grad():
-        got = ours(tokens, text, steps)
+        got = ours(tokens, text, steps).sample
     for i, step in enumerate(steps.tolist()):
         expected = reference_log_probs(reference, tokens[i:i + 1], text[i:i + 1], step)
         torch.testing.assert_close(got[i:i + 1], expected, atol=1e-5, rtol=0)
@@ -93,16 +93,16 @@ def test_text_cache_equals_no_cache():
         cache = ours.precompute_text(text)
         assert isinstance(cache, TextCache) and cache.batch_size == 3 and len(cache.keys_values) == TINY["num_layers"]
         for timestep in (0, 9):
-            torch.testing.assert_close(ours(tokens, None, timestep, text_cache=cache), ours(tokens, text, timestep),
-                                       atol=1e-6, rtol=0)
+            cached = ours(tokens, None, timestep, text_cache=cache).sample
+            torch.testing.assert_close(cached, ours(tokens, text, timestep).sample, atol=1e-6, rtol=0)
 
 
 def test_float32_log_softmax_stays_close_and_keeps_the_argmax():
     ours = our_copy(reference_model())
     tokens, text = inputs(TINY)
     with torch.no_grad():
-        exact = ours(tokens, text, 5)
-        fast = ours(tokens, text, 5, log_softmax_dtype=torch.float32)
+        exact = ours(tokens, text, 5).sample
+        fast = ours(tokens, text, 5, log_softmax_dtype=torch.float32).sample
     torch.testing.assert_close(fast, exact, atol=1e-5, rtol=0)
     assert torch.equal(fast.argmax(dim=1), exact.argmax(dim=1))
 
@@ -133,7 +133,7 @@ def test_our_checkpoint_loads_into_diffusers(tmp_path, safe_serialization, varia
     if dtype == torch.float32:
         tokens, text = inputs(TINY)
         with torch.no_grad():
-            torch.testing.assert_close(ours(tokens, text, 2), reference_log_probs(reference, tokens, text, 2),
+            torch.testing.assert_close(ours(tokens, text, 2).sample, reference_log_probs(reference, tokens, text, 2),
                                        atol=1e-5, rtol=0)
 
 
@@ -208,9 +208,9 @@ def test_half_precision_forward_is_finite_and_close(dtype):
     half = our_copy(reference_model()).to(dtype)
     tokens, text = inputs(TINY)
     with torch.no_grad():
-        got = half(tokens, text, 3)  # float32 text into a half model: cast on the way in
-        cached = half(tokens, None, 3, text_cache=half.precompute_text(text))
-        expected = full(tokens, text, 3)
+        got = half(tokens, text, 3).sample  # float32 text into a half model: cast on the way in
+        cached = half(tokens, None, 3, text_cache=half.precompute_text(text)).sample
+        expected = full(tokens, text, 3).sample
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert torch.equal(got, cached)
     probabilities_error = (got.exp() - expected.exp()).abs().max().item()
@@ -222,8 +222,8 @@ def test_training_forward_backward_and_dropout():
     tokens, text = inputs(TINY)
     text.requires_grad_(True)
     steps = torch.tensor([0, 5, 9])
-    first = ours(tokens, text, steps)
-    second = ours(tokens, text, steps)
+    first = ours(tokens, text, steps).sample
+    second = ours(tokens, text, steps).sample
     assert not torch.equal(first, second)  # dropout is live in training mode
     loss = -first.logsumexp(dim=1).mean() + first.mean()
     loss.backward()
@@ -232,7 +232,7 @@ def test_training_forward_backward_and_dropout():
     assert without_grad == []
     ours.eval()
     with torch.no_grad():
-        assert torch.equal(ours(tokens, text, steps), ours(tokens, text, steps))
+        assert torch.equal(ours(tokens, text, steps).sample, ours(tokens, text, steps).sample)
 
 
 # ---------------------------------------------------------------- learned classifier-free embeddings
@@ -269,3 +269,17 @@ def test_not_learnable_embeddings_round_trip_with_diffusers(tmp_path):
 def test_learned_embeddings_invalid_config(settings, key):
     with pytest.raises(ValueError, match=key):
         LearnedClassifierFreeSamplingEmbeddings.from_config(settings)
+
+
+def test_forward_returns_sample_or_a_tuple_like_diffusers():
+    reference = reference_model()
+    ours = our_copy(reference)
+    tokens, text = inputs(TINY)
+    with torch.no_grad():
+        output = ours(tokens, encoder_hidden_states=text, timestep=4)
+        (as_tuple,) = ours(tokens, encoder_hidden_states=text, timestep=4, return_dict=False)
+        expected = reference(tokens, encoder_hidden_states=text, timestep=torch.tensor(4), return_dict=False)
+    assert isinstance(expected, tuple) and len(expected) == 1
+    torch.testing.assert_close(output.sample, expected[0], atol=1e-5, rtol=0)
+    assert output[0] is output["sample"] is output.sample and list(output.keys()) == ["sample"]
+    assert torch.equal(as_tuple, output.sample)

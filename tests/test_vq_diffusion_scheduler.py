@@ -91,6 +91,8 @@ def test_step_draws_the_reference_tokens(num_classes, pixels):
         output = ours.step(log_p_x_0, t, x_t, generator=seeded(t))
         assert isinstance(output, VQDiffusionSchedulerOutput)
         assert torch.equal(output.prev_sample, expected)
+        assert output[0] is output["prev_sample"] is output.prev_sample and output.to_tuple() == (output.prev_sample,)
+        assert list(output.keys()) == ["prev_sample"] and ours.order == reference.order == 1
         as_tuple = ours.step(log_p_x_0, torch.tensor(t), x_t, generator=seeded(t), return_dict=False)
         assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], expected)
 
@@ -282,14 +284,20 @@ def test_unknown_spacing_is_refused():
         VQDiffusionScheduler(17).set_timesteps(10, spacing="linspace")
 
 
-def test_timestep_outside_the_schedule_is_refused():
-    scheduler = VQDiffusionScheduler(17)
-    scheduler.set_timesteps(25)
-    x_t = random_tokens(17, 1, 7, seed=0)
-    with pytest.raises(ValueError, match="timestep 50 is not in the current schedule"):
-        scheduler.step(random_log_p_x_0(17, 1, 7, seed=0), 50, x_t)
+def test_training_timestep_outside_the_schedule_steps_to_its_predecessor():
+    scheduler, reference = VQDiffusionScheduler(17), ReferenceScheduler(17)
+    for spacing in ("reference", "skip"):
+        scheduler.set_timesteps(25, spacing=spacing)
+        reference.set_timesteps(25)
+        x_t = random_tokens(17, 2, 7, seed=0)
+        log_p_x_0 = random_log_p_x_0(17, 2, 7, seed=0)
+        assert 51 not in scheduler.timesteps.tolist() and scheduler.previous_timestep(51) == 50
+        got = scheduler.step(log_p_x_0, torch.tensor(51), x_t, generator=seeded(3)).prev_sample
+        assert torch.equal(got, reference.step(log_p_x_0, torch.tensor(51), x_t, generator=seeded(3)).prev_sample)
+    with pytest.raises(ValueError, match=r"timestep must lie in \[0, 99\].*got 100"):
+        scheduler.step(log_p_x_0, 100, x_t)
     with pytest.raises(ValueError, match="timestep must be an integer"):
-        scheduler.step(random_log_p_x_0(17, 1, 7, seed=0), torch.tensor(3.0), x_t)
+        scheduler.step(log_p_x_0, torch.tensor(3.0), x_t)
 
 
 @pytest.mark.parametrize("bad_token", [-1, 17, 4000])

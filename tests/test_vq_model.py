@@ -324,3 +324,33 @@ def test_spatial_norm_requires_latent_sized_codebook_vectors():
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ValueError, match="unknown key 'double_z'"):
         VQModel.from_config({**TINY, "double_z": True})
+
+
+# ---------------------------------------------------------------- seeded construction and output types
+
+
+@pytest.mark.parametrize("variant", [PLAIN_BLOCKS, *VARIANTS.values(), dict(layers_per_block=2, **ATTENTION_BLOCKS)],
+                         ids=["plain", *VARIANTS, "two-layers-attention"])
+def test_seeded_construction_gives_diffusers_weights(variant):
+    config = {**TINY, **variant}
+    torch.manual_seed(11)
+    reference = diffusers.VQModel(**config).state_dict()
+    torch.manual_seed(11)
+    ours = VQModel(**config).state_dict()
+    assert sorted(ours) == sorted(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_output_types_index_like_diffusers():
+    ours = VQModel(**TINY, **PLAIN_BLOCKS).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoded, decoded = ours.encode(x), ours(x)
+    assert encoded[0] is encoded.latents is encoded["latents"] and encoded.to_tuple() == (encoded.latents,)
+    assert list(encoded.keys()) == ["latents"] and len(encoded) == 1
+    assert decoded[0] is decoded.sample and decoded[1] is decoded.commit_loss
+    assert list(decoded.keys()) == ["sample", "commit_loss"] and decoded.to_tuple()[:1] == (decoded.sample,)
+    assert decoded[:1] == (decoded.sample,) and "sample" in decoded and "latents" not in decoded
+    with pytest.raises(KeyError, match="latents"):
+        decoded["latents"]

@@ -27,6 +27,7 @@ from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
 from vqbatch.models.modeling import PretrainedModel
 from vqbatch.models.transformer import TextCache, VQDiffusionTransformer
 from vqbatch.models.vq_model import VQModel
+from vqbatch.outputs import BaseOutput
 from vqbatch.schedulers.purity import DEFAULT_PRIOR_WEIGHT, PurityPriorScheduler, check_sampler
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 
@@ -36,7 +37,10 @@ LOG_ZERO_FLOOR = -70.0  # log-probabilities are clamped here so that log(0) = -i
 
 
 @dataclass
-class ImagePipelineOutput:
+class ImagePipelineOutput(BaseOutput):
+    """diffusers' pipeline output plus the sampled tokens: `out.images`, `out[0]` and `out.to_tuple()[0]` are the
+    images (for output_type="latent", which leaves `images` None, the tokens)."""
+
     images: list[PIL.Image.Image] | np.ndarray | None  # None for output_type="latent"
     tokens: torch.LongTensor  # (B, P) final VQ codebook indices, one row per image
 
@@ -255,7 +259,8 @@ class VQDiffusionPipeline:
                 callback(step, t, sample)
         images = None if output_type == "latent" else self.decode_tokens(sample, output_type)
         tokens = sample.cpu()
-        return ImagePipelineOutput(images=images, tokens=tokens) if return_dict else (images, tokens)
+        output = ImagePipelineOutput(images=images, tokens=tokens)
+        return output if return_dict else output.to_tuple()[:1]  # (images,) as diffusers; (tokens,) for "latent"
 
     def sampling_scheduler(self, sampler: str, prior_weight: float) -> VQDiffusionScheduler:
         """What steps a call: the pipeline's scheduler, or for sampler="purity" a purity-prior one of the same chain."""
@@ -269,8 +274,9 @@ class VQDiffusionPipeline:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up: their buffers may go
         if guidance_scale is None:
-            return self.transformer(sample, timestep=t, text_cache=text)  # (B, K-1, P)
-        both = self.transformer(torch.cat([sample, sample]), timestep=t, text_cache=text)  # (2B, K-1, P)
+            return self.transformer(sample, timestep=t, text_cache=text, return_dict=False)[0]  # (B, K-1, P)
+        both = self.transformer(torch.cat([sample, sample]), timestep=t, text_cache=text,
+                                return_dict=False)[0]  # (2B, K-1, P)
         log_p_uncond, log_p_text = both.chunk(2)
         return guide_(log_p_uncond, log_p_text, guidance_scale)
 

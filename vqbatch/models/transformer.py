@@ -23,6 +23,7 @@ from torch import nn
 
 from vqbatch.configuration import ComponentConfig
 from vqbatch.models.modeling import PretrainedModel
+from vqbatch.outputs import BaseOutput
 
 LOG_SOFTMAX_DTYPES = (torch.float64, torch.float32)
 
@@ -207,6 +208,13 @@ class TransformerBlock(nn.Module):
 # ---------------------------------------------------------------- model
 
 
+@dataclass
+class Transformer2DModelOutput(BaseOutput):
+    """diffusers' name for the transformer's output."""
+
+    sample: torch.Tensor  # (B, K, P) float32 log p(x_0 | x_t, y) over the K codebook classes
+
+
 @dataclass(frozen=True)
 class TextCache:
     """The cross-attention keys and values of one batch of text conditions, one (key, value) pair per block.
@@ -265,9 +273,11 @@ class VQDiffusionTransformer(PretrainedModel):
         return TextCache(tuple(block.attn2.keys_values(text) for block in self.transformer_blocks))
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                timestep: torch.Tensor | int | None = None, text_cache: TextCache | None = None, *,
-                log_softmax_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """log p(x_0 | x_t, y), float32 of shape (B, num_vector_embeds - 1, num_latent_pixels).
+                timestep: torch.Tensor | int | None = None, *, text_cache: TextCache | None = None,
+                log_softmax_dtype: torch.dtype = torch.float64,
+                return_dict: bool = True) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """log p(x_0 | x_t, y), float32 of shape (B, num_vector_embeds - 1, num_latent_pixels), as `.sample` of a
+        `Transformer2DModelOutput` (or the tuple `(log_p,)` with `return_dict=False`).
 
         hidden_states: x_t, integer tokens (B, num_latent_pixels). The text y comes either as encoder_hidden_states
         (B, T, cross_attention_dim) or as the `text_cache` of `precompute_text`; give exactly one. timestep: an int,
@@ -283,7 +293,8 @@ class VQDiffusionTransformer(PretrainedModel):
         for block, text_keys_values in zip(self.transformer_blocks, text_cache.keys_values):
             x = block(x, text_keys_values, timestep)
         logits = self.out(self.norm_out(x)).permute(0, 2, 1)  # (B, K, L)
-        return log_softmax_by_row(logits, log_softmax_dtype)
+        log_p = log_softmax_by_row(logits, log_softmax_dtype)
+        return Transformer2DModelOutput(sample=log_p) if return_dict else (log_p,)
 
     # ------------------------------------------------ input checks (shapes and dtypes only: no device sync)
 

@@ -139,11 +139,12 @@ class ResolutionBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, act_fn: str,
                  with_attention: bool, resample: Literal["down", "up"] | None, zq_channels: int | None = None):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn, zq_channels)
-            for i in range(num_layers))
-        self.attentions = nn.ModuleList(
-            AttentionBlock(out_channels, groups, zq_channels) for _ in range(num_layers if with_attention else 0))
+        self.resnets, self.attentions = nn.ModuleList(), nn.ModuleList()
+        for i in range(num_layers):  # each resnet, then its attention: diffusers' order, so seeded weights agree
+            self.resnets.append(
+                ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn, zq_channels))
+            if with_attention:
+                self.attentions.append(AttentionBlock(out_channels, groups, zq_channels))
         self.downsamplers = nn.ModuleList([Downsample(out_channels)] if resample == "down" else [])
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if resample == "up" else [])
 
@@ -163,8 +164,9 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, *, groups: int, act_fn: str, add_attention: bool,
                  zq_channels: int | None = None):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, act_fn, zq_channels) for _ in range(2))
-        attention = [AttentionBlock(channels, groups, zq_channels)] if add_attention else []
+        first = ResnetBlock(channels, channels, groups, act_fn, zq_channels)  # created in diffusers' order: resnet,
+        attention = [AttentionBlock(channels, groups, zq_channels)] if add_attention else []  # attention, resnet
+        self.resnets = nn.ModuleList([first, ResnetBlock(channels, channels, groups, act_fn, zq_channels)])
         self.attentions = nn.ModuleList(attention)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:

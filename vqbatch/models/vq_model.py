@@ -22,6 +22,7 @@ from torch import nn
 
 from vqbatch.configuration import ComponentConfig
 from vqbatch.models.modeling import PretrainedModel
+from vqbatch.outputs import BaseOutput
 from vqbatch.models.vae_blocks import (
     LEGACY_ATTENTION_NAMES,
     SPATIAL_NORM_GROUPS,
@@ -90,12 +91,12 @@ class VQModelConfig(ComponentConfig):
 
 
 @dataclass
-class VQEncoderOutput:
+class VQEncoderOutput(BaseOutput):
     latents: torch.Tensor  # (B, vq_embed_dim, h, w): z before quantization
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(BaseOutput):
     sample: torch.Tensor  # (B, out_channels, H, W)
     commit_loss: torch.Tensor | None = None  # scalar after quantization; zeros (B,) when decode skipped it
 

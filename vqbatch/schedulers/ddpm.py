@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
+from vqbatch.outputs import BaseOutput
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
@@ -30,7 +31,7 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 @dataclass
-class DDPMSchedulerOutput:
+class DDPMSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor  # x_{t-1}, the next input of the model
     pred_original_sample: torch.Tensor | None = None  # x̂_0 predicted at step t, for previews and guidance
 
@@ -210,10 +211,10 @@ class DDPMScheduler(ConfigOnlyComponent):
     config_name: ClassVar[str] = "scheduler_config.json"
     diffusers_name: ClassVar[str] = "DDPMScheduler"
     config: DDPMSchedulerConfig
+    order: ClassVar[int] = 1  # model evaluations per step (multistep solvers have more)
 
     def __init__(
         self,
-        *,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
@@ -281,16 +282,17 @@ class DDPMScheduler(ConfigOnlyComponent):
                              "use fewer steps or a smaller steps_offset")
         return schedule
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The timestep the chain moves to from `timestep`: the next one of `timesteps`, -1 after the last."""
-        t = int(timestep)
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
+        """The timestep the chain moves to from `timestep`: after `set_timesteps` the next one of `timesteps` (-1 after
+        the last) as a 0-d tensor, before it `timestep - 1`."""
         if self.num_inference_steps is None:
-            return t - 1
+            return timestep - 1
+        t = int(timestep)
         schedule = self.timesteps.tolist()
         if t not in schedule:
             raise ValueError(f"timestep {t} is not one of the scheduler's timesteps {schedule}")
         index = schedule.index(t)
-        return schedule[index + 1] if index + 1 < len(schedule) else -1
+        return torch.tensor(schedule[index + 1] if index + 1 < len(schedule) else -1)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True
@@ -299,7 +301,7 @@ class DDPMScheduler(ConfigOnlyComponent):
         t = int(timestep)
         if not 0 <= t < self.config.num_train_timesteps:
             raise ValueError(f"timestep {t} is outside the training range [0, {self.config.num_train_timesteps - 1}]")
-        prev_t = self.previous_timestep(t)
+        prev_t = int(self.previous_timestep(t))
         model_output, predicted_variance = self._split_predicted_variance(model_output, sample)
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)

@@ -19,8 +19,9 @@ Fewer steps than training, `set_timesteps(num_inference_steps, device=None, spac
     spacing="skip"       timesteps spread evenly over the whole chain, round(linspace(T-1, 0, n)) (for n = 1 just T-1),
                          each step jumping to the next timestep of the schedule with the jump posterior above; the
                          last jump lands on x_0. With n = T both spacings are the same schedule.
-`step` looks the previous timestep up in the schedule (`previous_timestep`). At t = 0 it samples the model's
-prediction of x_0 directly, as the reference does.
+`step` looks the previous timestep up in the schedule (`previous_timestep`); a training timestep outside the schedule
+steps to t - 1, as the reference's `step` does for any t. At t = 0 it samples the model's prediction of x_0 directly,
+as the reference does.
 
 Randomness: Gumbel-max sampling with noise from `generator`. A single generator draws the whole batch at once, as the
 reference does; a list of generators draws row i from generator i with the shape a batch of one would use, so a row's
@@ -39,13 +40,14 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from vqbatch.choices import TIMESTEP_SPACINGS, TimestepSpacing, check_choice
 from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
+from vqbatch.outputs import BaseOutput
 
 TINY = 1e-30  # the probability floor of the reference sampler: log(0) is stored as log(1e-30)
 LOG_TINY = torch.tensor(TINY).log()  # () float32, ≈ -69.08
 
 
 @dataclass
-class VQDiffusionSchedulerOutput:
+class VQDiffusionSchedulerOutput(BaseOutput):
     prev_sample: torch.LongTensor  # (B, P) tokens at the previous timestep, the next input of the model
 
 
@@ -188,6 +190,7 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
     config_class = VQDiffusionSchedulerConfig
     config_name = "scheduler_config.json"
     diffusers_name = "VQDiffusionScheduler"
+    order = 1  # model evaluations per step
 
     def __init__(self, num_vec_classes: int, num_train_timesteps: int = 100, alpha_cum_start: float = 0.99999,
                  alpha_cum_end: float = 0.000009, gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
@@ -233,12 +236,10 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
             setattr(self, name, getattr(self, name).to(device))
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The timestep a step from `timestep` lands on in the current schedule; -1 stands for x_0."""
-        t = self._as_timestep(timestep, "timestep")
-        if t not in self.previous_timesteps:
-            raise ValueError(f"timestep {t} is not in the current schedule {self.timesteps.tolist()}; "
-                             "step() takes the timesteps set by set_timesteps()")
-        return self.previous_timesteps[t]
+        """The timestep a step from `timestep` lands on: the next one of the current schedule, or t - 1 for a
+        training timestep outside it; -1 stands for x_0."""
+        t = self._checked_train_timestep(timestep, "timestep")
+        return self.previous_timesteps.get(t, t - 1)
 
     def transition_log_probs(self, s: int | torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """log α_{s->t}, log β_{s->t}, log γ_{s->t} of the jump from timestep s (-1: x_0) to t."""

@@ -247,7 +247,7 @@ def train_diffusion(models: Models, captions: list[str], state: TrainState, fold
         x_t = q_sample(x_0, t, schedule, generator)
         text = conditions(models.tokenizer, models.text_encoder, models.unconditional,
                           [captions[i] for i in rows.tolist()], dropped)  # (B, L, D)
-        log_p_x_0 = models.transformer(x_t, text, t, log_softmax_dtype=torch.float32)  # (B, K, P)
+        log_p_x_0 = models.transformer(x_t, text, t, log_softmax_dtype=torch.float32).sample  # (B, K, P)
         loss = diffusion_loss(log_p_x_0, x_0, x_t, t, schedule, config.aux_weight)
         set_learning_rate(optimizer, learning_rate(state.step, config.diffusion_steps, config.learning_rate,
                                                    config.warmup_steps))
