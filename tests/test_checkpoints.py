@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from vq_reference import assert_same_generation, reference_components, reference_pipeline, run_ours, run_reference
+from vq_reference import (assert_same_generation, hub_cache, reference_components, reference_pipeline, run_ours,
+                          run_reference)
 
 from vqbatch.pipeline import MODEL_INDEX_NAME, VQDiffusionPipeline
 from vqbatch.tiny import (CODEBOOK_SIZE, MAX_PROMPT_TOKENS, TEXT_WIDTH, TRANSFORMER_CONFIG, VQVAE_CONFIG,
@@ -196,7 +197,7 @@ def test_fp16_variant_files(tmp_path):
     assert {model.dtype for model in upcast.models()} == {torch.float32}
     full = VQDiffusionPipeline.from_pretrained(tmp_path)
     assert {model.dtype for model in full.models()} == {torch.float32}
-    with pytest.raises(FileNotFoundError, match="expected diffusion_pytorch_model.bf16.safetensors"):
+    with pytest.raises(FileNotFoundError, match="expected one of diffusion_pytorch_model.bf16.safetensors"):
         VQDiffusionPipeline.from_pretrained(tmp_path, variant="bf16")
 
 
@@ -253,12 +254,7 @@ def test_s3_checkpoint_is_downloaded_once_and_loads(s3_endpoint, tiny_checkpoint
         VQDiffusionPipeline.from_pretrained("s3://models/other")
 
 
-def test_hub_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
-    monkeypatch.setenv("VQBATCH_CACHE", str(tmp_path))
+def test_hub_id_without_network_is_a_clear_error(offline_hub):
     with pytest.raises(OSError, match="could not fetch 'vqbatch-tests/no-such-model' from the Hugging Face hub"):
         VQDiffusionPipeline.from_pretrained("vqbatch-tests/no-such-model")
 
@@ -266,3 +262,117 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
 def test_missing_local_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         VQDiffusionPipeline.from_pretrained(tmp_path / "nowhere" / "at" / "all")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded weights, loading options, hub revisions
+
+SHARD_BYTES = 20_000  # small enough that every tiny model but the embeddings is split into several shards
+
+
+def shard_files_of(folder: Path, variant: str | None = None) -> list[Path]:
+    stem = f"diffusion_pytorch_model.{variant}" if variant else "diffusion_pytorch_model"
+    return sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_weights_round_trip_with_diffusers_both_ways(tmp_path, variant):
+    from diffusers import Transformer2DModel as TheirTransformer
+    from diffusers import VQModel as TheirVQModel
+
+    from vqbatch import VQDiffusionTransformer, VQModel
+
+    index_name = "diffusion_pytorch_model.safetensors.index" + (f".{variant}" if variant else "") + ".json"
+    for ours_class, their_class, config in ((VQModel, TheirVQModel, VQVAE_CONFIG),
+                                            (VQDiffusionTransformer, TheirTransformer, TRANSFORMER_CONFIG)):
+        torch.manual_seed(3)
+        ours = ours_class(**config)
+        ours.save_pretrained(tmp_path / "ours", variant=variant, max_shard_size=SHARD_BYTES)
+        assert len(shard_files_of(tmp_path / "ours", variant)) > 1 and (tmp_path / "ours" / index_name).is_file()
+        assert not list((tmp_path / "ours").glob("diffusion_pytorch_model*[!0-9].safetensors"))  # no single file
+        assert_same_weights(their_class.from_pretrained(tmp_path / "ours", variant=variant), ours)
+
+        theirs = their_class(**config)
+        theirs.save_pretrained(tmp_path / "theirs", variant=variant, max_shard_size=SHARD_BYTES)
+        assert len(shard_files_of(tmp_path / "theirs", variant)) > 1
+        assert_same_weights(ours_class.from_pretrained(tmp_path / "theirs", variant=variant), theirs)
+        assert json.loads((tmp_path / "ours" / index_name).read_text())["weight_map"].keys() == \
+            json.loads((tmp_path / "theirs" / index_name).read_text())["weight_map"].keys()
+
+
+def test_sharded_pipeline_round_trip_replaces_the_single_files(tmp_path):
+    pipe = VQDiffusionPipeline(**tiny_components(seed=5))
+    pipe.save_pretrained(tmp_path)
+    pipe.save_pretrained(tmp_path, max_shard_size=SHARD_BYTES)  # over the single files of the first save
+    assert not (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert len(shard_files_of(tmp_path / "transformer")) > 1
+    loaded = VQDiffusionPipeline.from_pretrained(tmp_path)
+    for ours, theirs in zip(pipe.models(), loaded.models()):
+        assert_same_weights(ours, theirs)
+    options = dict(num_inference_steps=4, truncation_rate=0.9)
+    assert_same_generation(run_ours(loaded, "a red circle", seed=2, **options),
+                           run_reference(reference_pipeline(reference_components(tmp_path)), "a red circle", seed=2,
+                                         **options))
+
+
+def test_missing_shard_is_named(tmp_path):
+    from vqbatch import VQModel
+
+    VQModel(**VQVAE_CONFIG).save_pretrained(tmp_path, max_shard_size=SHARD_BYTES)
+    lost = shard_files_of(tmp_path)[-1]
+    lost.unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shard files that are missing: {lost.name}"):
+        VQModel.from_pretrained(tmp_path)
+
+
+def test_loading_options_as_diffusers_has_them(tiny_checkpoint):
+    from vqbatch import VQDiffusionTransformer
+
+    plain = VQDiffusionTransformer.from_pretrained(tiny_checkpoint, subfolder="transformer")
+    model, info = VQDiffusionTransformer.from_pretrained(tiny_checkpoint, subfolder="transformer", dtype=torch.float16,
+                                                        low_cpu_mem_usage=False, output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert model.dtype == torch.float16 and not model.training
+    assert_same_weights(model, plain.to(torch.float16))
+    with pytest.raises(ValueError, match="torch_dtype=torch.float32 and dtype=torch.float16 disagree"):
+        VQDiffusionTransformer.from_pretrained(tiny_checkpoint, subfolder="transformer", torch_dtype=torch.float32,
+                                               dtype=torch.float16)
+    pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, low_cpu_mem_usage=False)
+    assert {model.dtype for model in pipe.models()} == {torch.bfloat16}
+    with pytest.raises(FileNotFoundError, match="expected one of diffusion_pytorch_model.bin"):
+        VQDiffusionPipeline.from_pretrained(tiny_checkpoint, use_safetensors=False)
+
+
+def test_progress_bar_as_diffusers_has_it(tiny_checkpoint):
+    import io
+
+    pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    shown = io.StringIO()
+    pipe(["a red circle"], num_inference_steps=3, output_type="latent")  # hidden by default: nothing to capture
+    pipe.set_progress_bar_config(disable=False, file=shown, desc="sampling")
+    pipe(["a red circle"], num_inference_steps=3, output_type="latent")
+    assert "sampling" in shown.getvalue() and "3/3" in shown.getvalue()
+    with pipe.progress_bar(total=5) as bar:
+        bar.update(5)
+    assert "5/5" in shown.getvalue()
+    with pytest.raises(ValueError, match="exactly one of iterable and total"):
+        pipe.progress_bar()
+
+
+def test_hub_id_loads_its_revision_from_the_hub_cache(offline_hub, tmp_path):
+    full = VQDiffusionPipeline(**tiny_components(seed=6))
+    half = VQDiffusionPipeline(**tiny_components(seed=7)).to(torch.float16)
+    hub_cache(offline_hub, "vqbatch-tests/tiny", {"main": full.save_pretrained(tmp_path / "main"),
+                                                  "fp16": half.save_pretrained(tmp_path / "fp16")})
+    main = VQDiffusionPipeline.from_pretrained("vqbatch-tests/tiny")
+    assert_same_weights(main.transformer, full.transformer)
+    fp16 = VQDiffusionPipeline.from_pretrained("vqbatch-tests/tiny", torch_dtype=torch.float16, revision="fp16")
+    assert fp16.dtype == torch.float16
+    assert_same_weights(fp16.transformer, half.transformer)
+    from vqbatch import VQDiffusionScheduler, VQModel
+
+    assert_same_weights(VQModel.from_pretrained("vqbatch-tests/tiny", subfolder="vqvae", revision="fp16"), half.vqvae)
+    assert VQDiffusionScheduler.from_pretrained("vqbatch-tests/tiny", subfolder="scheduler",
+                                                revision="fp16").config == half.scheduler.config
+    with pytest.raises(OSError, match="'vqbatch-tests/tiny' at revision 'v2'"):
+        VQDiffusionPipeline.from_pretrained("vqbatch-tests/tiny", revision="v2")

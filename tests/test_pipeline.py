@@ -230,6 +230,11 @@ def masked(batch):
     (dict(latents=masked(1).float()), "latents must be an integer tensor"),
     (dict(generator=[torch.Generator()] * 2, num_images_per_prompt=3), "list of 2 generators but 3 images"),
     (dict(timestep_spacing="even"), "spacing must be one of"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number .*got inf"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number .*got nan"),
+    (dict(truncation_rate=float("inf")), r"truncation_rate must be a number in \(0, 1\] .*got inf"),
+    (dict(truncation_rate=0), r"truncation_rate must be a number in \(0, 1\] .*got 0"),
+    (dict(truncation_rate=1.5), r"truncation_rate must be a number in \(0, 1\] .*got 1.5"),
 ])
 def test_bad_arguments_are_named(pipe, arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -1,8 +1,11 @@
-"""Helpers shared by the pipeline and checkpoint tests: diffusers' reference pipeline, loaded component by component.
+"""Helpers shared by the pipeline and checkpoint tests: diffusers' reference pipeline, loaded component by component,
+and checkpoints laid out like the hub's cache.
 
 diffusers 0.42.1's `DiffusionPipeline.from_pretrained` cannot resolve `LearnedClassifierFreeSamplingEmbeddings`, so the
 reference is assembled from its components, each read with its own class's `from_pretrained`.
 """
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,3 +53,17 @@ def assert_same_generation(ours, reference):
     assert torch.equal(our_tokens, reference_tokens)
     assert our_images.shape == reference_images.shape
     np.testing.assert_allclose(our_images, reference_images, atol=1e-5, rtol=0)
+
+
+def hub_cache(root: Path, repo_id: str, snapshots: dict[str, Path]) -> None:
+    """Lay checkpoints out as huggingface_hub's cache does: refs/<revision> holds a commit, snapshots/<commit>."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for number, (revision, checkpoint) in enumerate(snapshots.items()):
+        commit = f"{number + 1:040x}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+        for path in sorted(checkpoint.rglob("*")):
+            if path.is_file():
+                target = repo / "snapshots" / commit / path.relative_to(checkpoint)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())

@@ -15,6 +15,7 @@ _EXPORTS = {
     "VQModel": "vqbatch.models.vq_model",
     "VQEncoderOutput": "vqbatch.models.vq_model",
     "VQDiffusionTransformer": "vqbatch.models.transformer",
+    "Transformer2DModel": "vqbatch.models.transformer",
     "Transformer2DModelOutput": "vqbatch.models.transformer",
     "DecoderOutput": "vqbatch.models.vq_model",
     "BaseOutput": "vqbatch.outputs",

@@ -119,7 +119,9 @@ class ConfigOnlyComponent(Configured):
         self.save_config(directory)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, **overrides: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        revision: str | None = None, **overrides: Any):
         from vqbatch.hub import local_checkpoint
 
-        return cls.from_config(cls.load_config(local_checkpoint(path), subfolder), **overrides)
+        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
+        return cls.from_config(cls.load_config(folder, subfolder), **overrides)

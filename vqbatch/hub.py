@@ -13,8 +13,11 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "vqbatch"))
 
 
-def local_checkpoint(path_or_uri: str | Path) -> Path:
-    """Return a local folder holding the checkpoint named by a local path, an s3:// URI or a hub id."""
+def local_checkpoint(path_or_uri: str | Path, revision: str | None = None) -> Path:
+    """Return a local folder holding the checkpoint named by a local path, an s3:// URI or a hub id.
+
+    `revision` (a branch, tag or commit) picks the version of a hub id; a local folder or an s3:// URI has one.
+    """
     text = str(path_or_uri)
     if text.startswith("s3://"):
         return download_s3_folder(text)
@@ -24,7 +27,7 @@ def local_checkpoint(path_or_uri: str | Path) -> Path:
             raise ValueError(f"checkpoint path {text!r} is a file; give the checkpoint folder")
         return path
     if looks_like_hub_id(text):
-        return download_hub_snapshot(text)
+        return download_hub_snapshot(text, revision)
     raise FileNotFoundError(f"checkpoint not found: {text!r} is neither an existing folder, an s3:// URI nor a hub id")
 
 
@@ -33,13 +36,19 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def download_hub_snapshot(repo_id: str) -> Path:
+def download_hub_snapshot(repo_id: str, revision: str | None = None,
+                          allow_patterns: list[str] | None = None) -> Path:
+    """The hub snapshot of `repo_id` at `revision` (default main) through huggingface_hub's cache under
+    cache_root()/hub; `allow_patterns` fetches only the matching files (the preflight's configs). HF_HUB_OFFLINE=1
+    reads the cache only."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_root() / "hub"))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_root() / "hub",
+                                      allow_patterns=allow_patterns))
     except Exception as error:  # the hub raises many kinds of network and lookup errors
-        raise OSError(f"could not fetch {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {error}); "
+        at = f" at revision {revision!r}" if revision else ""
+        raise OSError(f"could not fetch {repo_id!r}{at} from the Hugging Face hub ({type(error).__name__}: {error}); "
                       "without a network, download the checkpoint elsewhere and pass its local path or s3:// URI") from error
 
 

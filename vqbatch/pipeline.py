@@ -12,8 +12,10 @@ component).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from vqbatch.configuration import DIFFUSERS_VERSION, read_json, write_json
 from vqbatch.hub import local_checkpoint
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
-from vqbatch.models.modeling import PretrainedModel
+from vqbatch.models.modeling import DEFAULT_MAX_SHARD_SIZE, PretrainedModel, resolve_dtype
 from vqbatch.models.transformer import TextCache, VQDiffusionTransformer
 from vqbatch.models.vq_model import VQModel
 from vqbatch.outputs import BaseOutput
@@ -150,6 +152,18 @@ def check_call_arguments(prompts: list[str], num_images_per_prompt: int, output_
                          f"({len(prompts)} prompts x {num_images_per_prompt} per prompt); give one per image")
 
 
+def check_guidance_and_truncation(guidance_scale: float, truncation_rate: float) -> None:
+    """Both finite: an infinite guidance scale or truncation rate makes NaN log-probabilities (diffusers returns NaN
+    images); a truncation rate keeps a share of the probability mass, so it lies in (0, 1]."""
+    def is_real(value) -> bool:
+        return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_real(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (<= 1 disables guidance), got {guidance_scale!r}")
+    if not is_real(truncation_rate) or not 0 < truncation_rate <= 1:
+        raise ValueError(f"truncation_rate must be a number in (0, 1] (1 keeps every class), got {truncation_rate!r}")
+
+
 def check_tokens(tokens: torch.Tensor, num_latent_pixels: int, num_classes: int, name: str,
                  batch_size: int | None = None) -> None:
     """Token grids are integer tensors (B, P) with every value in [0, num_classes)."""
@@ -181,6 +195,7 @@ class VQDiffusionPipeline:
         self.scheduler = scheduler
         self.learned_classifier_free_sampling_embeddings = learned_classifier_free_sampling_embeddings.eval()
         self.cuda_graphs = False  # set by compile_transformer(mode="reduce-overhead")
+        self.progress_bar_config: dict = {}  # tqdm options of the sampling loop (set_progress_bar_config)
 
     @property
     def components(self) -> dict[str, object]:
@@ -221,6 +236,19 @@ class VQDiffusionPipeline:
         self.cuda_graphs = mode == "reduce-overhead"
         return self
 
+    def set_progress_bar_config(self, **options) -> None:
+        """tqdm options of the sampling loop's progress bar, e.g. `disable=False` to show it (hidden by default: the
+        batch engine runs many calls) or `desc`, `leave`, `position`."""
+        self.progress_bar_config = dict(options)
+
+    def progress_bar(self, iterable=None, total: int | None = None):
+        """A tqdm bar over `iterable`, or one of `total` steps to update by hand, with the configured options."""
+        from tqdm.auto import tqdm
+
+        if (iterable is None) == (total is None):
+            raise ValueError("progress_bar takes exactly one of iterable and total")
+        return tqdm(iterable, total=total, **{"disable": True, **self.progress_bar_config})
+
     # ----------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -245,13 +273,14 @@ class VQDiffusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
         check_call_arguments(prompts, num_images_per_prompt, output_type, callback_steps, generator, batch_size)
+        check_guidance_and_truncation(guidance_scale, truncation_rate)
         check_sampler(sampler, prior_weight)
         guided = guidance_scale > 1.0
         text = self.text_conditions(prompts, num_images_per_prompt, guided)  # 2B or B rows
         sample = self.initial_tokens(latents, batch_size)  # (B, P)
         scheduler = self.sampling_scheduler(sampler, prior_weight)
         scheduler.set_timesteps(num_inference_steps, device=self.device, spacing=timestep_spacing)
-        for step, t in enumerate(scheduler.timesteps):
+        for step, t in enumerate(self.progress_bar(scheduler.timesteps)):
             log_p_x_0 = self.predict_log_p_x_0(sample, text, t, guidance_scale if guided else None)
             log_p_x_0 = truncate_(log_p_x_0, truncation_rate).clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
             sample = scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator).prev_sample
@@ -328,26 +357,35 @@ class VQDiffusionPipeline:
     # ----------------------------------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, variant: str | None = None,
-                        device: str | torch.device | None = None) -> "VQDiffusionPipeline":
-        """Load a diffusers-layout checkpoint (e.g. microsoft/vq-diffusion-ithq): local folder, s3:// URI or hub id.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, device: str | torch.device | None = None, *,
+                        dtype: torch.dtype | None = None, revision: str | None = None,
+                        use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True) -> "VQDiffusionPipeline":
+        """Load a diffusers-layout checkpoint (e.g. microsoft/vq-diffusion-ithq): local folder, s3:// URI or hub id
+        (at `revision`, a branch, tag or commit).
 
-        Every model gets one dtype: `torch_dtype`, or else the dtype of the stored transformer weights. `variant`
-        picks `*.<variant>.safetensors` weight files.
+        Every model gets one dtype: `torch_dtype` (or its newer name `dtype`), or else the dtype of the stored
+        transformer weights. `variant` picks `*.<variant>.safetensors` weight files; sharded weights (an
+        `*.index.json` and its shards) load like single files.
         """
-        folder = local_checkpoint(path)
+        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
         index = read_json(folder / MODEL_INDEX_NAME)
         classes = {name: component_class(index, name) for name in COMPONENT_CLASSES}
-        transformer = load_component(classes.pop("transformer"), folder / "transformer", torch_dtype, variant, device)
-        dtype = torch_dtype or transformer.dtype
-        return cls(transformer=transformer, **{name: load_component(component, folder / name, dtype, variant, device)
+        options = dict(variant=variant, device=device, use_safetensors=use_safetensors,
+                       low_cpu_mem_usage=low_cpu_mem_usage)
+        transformer = load_component(classes.pop("transformer"), folder / "transformer",
+                                     resolve_dtype(torch_dtype, dtype), **options)
+        dtype = resolve_dtype(torch_dtype, dtype) or transformer.dtype
+        return cls(transformer=transformer, **{name: load_component(component, folder / name, dtype, **options)
                                                 for name, component in classes.items()})
 
-    def save_pretrained(self, path: str | Path, variant: str | None = None) -> Path:
-        """Write the diffusers layout: `model_index.json` naming diffusers' classes, and one folder per component."""
-        folder = Path(path)
+    def save_pretrained(self, save_directory: str | Path, variant: str | None = None, safe_serialization: bool = True,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Write the diffusers layout: `model_index.json` naming diffusers' classes, and one folder per component;
+        a model larger than `max_shard_size` is written as shards with an index, as diffusers writes it."""
+        folder = Path(save_directory)
         for name, component in self.components.items():
-            save_component(component, folder / name, variant)
+            save_component(component, folder / name, variant, safe_serialization, max_shard_size)
         index = {name: [COMPONENT_CLASSES[name][0], diffusers_class_name(component)]
                  for name, component in self.components.items()}
         write_json(folder / MODEL_INDEX_NAME, {"_class_name": PIPELINE_CLASS_NAME,
@@ -388,20 +426,23 @@ def component_class(index: dict, name: str) -> type:
 
 
 def load_component(component: type, folder: Path, torch_dtype: torch.dtype | None, variant: str | None,
-                   device: str | torch.device | None):
+                   device: str | torch.device | None, use_safetensors: bool | None, low_cpu_mem_usage: bool):
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint has no component folder {folder}")
     if issubclass(component, PretrainedModel):
-        return component.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, device=device)
+        return component.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, device=device,
+                                         use_safetensors=use_safetensors, low_cpu_mem_usage=low_cpu_mem_usage)
     if issubclass(component, CLIPTextModel):
-        model = component.from_pretrained(folder, dtype=torch_dtype, variant=variant)
+        model = component.from_pretrained(folder, dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
         return model.to(device) if device is not None else model
     return component.from_pretrained(folder)  # tokenizer and scheduler: files only, no weights
 
 
-def save_component(component, folder: Path, variant: str | None) -> None:
+def save_component(component, folder: Path, variant: str | None, safe_serialization: bool,
+                   max_shard_size: int | str) -> None:
     if isinstance(component, (PretrainedModel, CLIPTextModel)):
-        component.save_pretrained(folder, variant=variant)
+        component.save_pretrained(folder, variant=variant, safe_serialization=safe_serialization,
+                                  max_shard_size=max_shard_size)
     else:  # tokenizer and scheduler: no weights
         component.save_pretrained(folder)
 

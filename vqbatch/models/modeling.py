@@ -7,20 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vqbatch.configuration import Configured
+from vqbatch.configuration import Configured, write_json
 from vqbatch.hub import local_checkpoint
+from vqbatch.models.weight_files import find_weight_files, index_file_name, shard_name_pattern, single_file_name
 
-WEIGHTS_NAME = "diffusion_pytorch_model"
-
-
-def weights_file(folder: Path, variant: str | None) -> Path:
-    """The weights file of a component folder: safetensors preferred over .bin, `variant` in the name."""
-    stem = f"{WEIGHTS_NAME}.{variant}" if variant else WEIGHTS_NAME
-    for suffix in (".safetensors", ".bin"):
-        candidate = folder / (stem + suffix)
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no weights in {folder}: expected {stem}.safetensors or {stem}.bin")
+LOADING_INFO_KEYS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")  # diffusers' loading info
+DEFAULT_MAX_SHARD_SIZE = "10GB"  # diffusers' default: larger state dicts are written as shards
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -29,6 +21,53 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_weight_files(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """One state dict from a single file or from every shard of an index."""
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(read_state_dict(path))
+    return state
+
+
+def resolve_dtype(torch_dtype: torch.dtype | None, dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype` is diffusers' newer name for `torch_dtype`; either may be given, both only when they agree."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; give one of them (dtype is the "
+                         "newer name of torch_dtype)")
+    return dtype if dtype is not None else torch_dtype
+
+
+def remove_stale_weights(folder: Path, weight_format: str, variant: str | None) -> None:
+    """Delete the weight files an earlier save of this format and variant left (a single file, an index, shards),
+    so the folder never holds two versions of the weights."""
+    stale = [folder / single_file_name(weight_format, variant), folder / index_file_name(weight_format, variant)]
+    stale += folder.glob(shard_name_pattern(weight_format, variant).replace("{suffix}", "-*-of-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def write_weights(state: dict[str, torch.Tensor], folder: Path, variant: str | None, safe_serialization: bool,
+                  max_shard_size: int | str) -> None:
+    """One weights file, or shards and their index when the state dict is larger than `max_shard_size`."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    weight_format = "safetensors" if safe_serialization else "bin"
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size,
+                                               filename_pattern=shard_name_pattern(weight_format, variant))
+    remove_stale_weights(folder, weight_format, variant)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state[name] for name in names}
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        else:
+            torch.save(shard, folder / filename)
+    if split.is_sharded:
+        write_json(folder / index_file_name(weight_format, variant),
+                   {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename})
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -61,32 +100,43 @@ class PretrainedModel(nn.Module, Configured):
         return next(self.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, device: str | torch.device | None = None):
-        folder = local_checkpoint(path) / subfolder if subfolder else local_checkpoint(path)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                        device: str | torch.device | None = None, *, dtype: torch.dtype | None = None,
+                        revision: str | None = None, use_safetensors: bool | None = None,
+                        low_cpu_mem_usage: bool = True, output_loading_info: bool = False):
+        """Load a diffusers component folder: a local path, an s3:// URI or a hub id (at `revision`), plus
+        `subfolder`. Weights come from one file or from the shards of a `*.index.json`; `variant` picks
+        `*.<variant>.*` files. `low_cpu_mem_usage=True` builds the model without weights and assigns the loaded
+        tensors (one copy in memory); False builds it initialised, then copies them in: the same model.
+        `output_loading_info=True` returns `(model, info)` like diffusers; loading is strict, so a checkpoint that
+        does not fit fails with every problem named and the info's lists are empty."""
+        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
+        folder = folder / subfolder if subfolder else folder
         config = cls.load_config(folder)
-        source = weights_file(folder, variant)
-        with torch.device("meta"):
+        sources = find_weight_files(folder, variant, use_safetensors)
+        with torch.device("meta" if low_cpu_mem_usage else "cpu"):
             model = cls.from_config(config)
-        state = model.rename_legacy_keys(read_state_dict(source))
-        check_state_dict(model, state, str(source))
+        state = model.rename_legacy_keys(read_weight_files(sources))
+        check_state_dict(model, state, ", ".join(map(str, sources)))
+        torch_dtype = resolve_dtype(torch_dtype, dtype)
         if torch_dtype is not None:
             state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device).eval() if device is not None else model.eval()
+        model.load_state_dict(state, strict=True, assign=low_cpu_mem_usage)
+        if torch_dtype is not None and not low_cpu_mem_usage:
+            model.to(torch_dtype)
+        model = model.to(device=device).eval() if device is not None else model.eval()
+        return (model, {key: [] for key in LOADING_INFO_KEYS}) if output_loading_info else model
 
     def rename_legacy_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map key names of older checkpoint layouts to this model's names; by default there are none."""
         return state
 
-    def save_pretrained(self, directory: str | Path, variant: str | None = None, safe_serialization: bool = True) -> None:
-        folder = Path(directory)
+    def save_pretrained(self, save_directory: str | Path, variant: str | None = None, safe_serialization: bool = True,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+        """Write `config.json` and the weights, as shards with a `*.index.json` past `max_shard_size` (an int of
+        bytes or a string such as "5GB", as diffusers takes it)."""
+        folder = Path(save_directory)
         self.save_config(folder)
-        stem = f"{WEIGHTS_NAME}.{variant}" if variant else WEIGHTS_NAME
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
-        else:
-            torch.save(state, folder / f"{stem}.bin")
+        write_weights(state, folder, variant, safe_serialization, max_shard_size)

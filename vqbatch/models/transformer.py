@@ -333,3 +333,6 @@ class VQDiffusionTransformer(PretrainedModel):
         if steps.ndim > 1 or steps.numel() not in (1, batch):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},), got shape {tuple(steps.shape)}")
         return steps.reshape(-1)
+
+
+Transformer2DModel = VQDiffusionTransformer  # diffusers' name, so `from vqbatch import Transformer2DModel` works
