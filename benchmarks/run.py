@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vqbatch.pipeline import COMPILE_MODES
+from vqbatch.choices import COMPILE_MODES
 
 # Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {

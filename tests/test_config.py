@@ -51,6 +51,14 @@ def test_flags_alone_build_a_config_with_defaults():
     ({"model.dtype": "int8"}, "model.dtype", "'int8'", "'float32', 'float16' or 'bfloat16'"),
     ({"sampling.stepz": 3}, "sampling.stepz", "3", "steps, guidance_scale, truncation_rate"),
     ({"compute.batch_size": "many"}, "compute.batch_size", "'many'", "valid integer"),
+    ({"sampling.guidance_scale": float("inf")}, "sampling.guidance_scale", "inf", "finite number"),
+    ({"sampling.guidance_scale": float("nan")}, "sampling.guidance_scale", "nan", "finite number"),
+    ({"sampling.truncation_rate": float("nan")}, "sampling.truncation_rate", "nan", "finite number"),
+    ({"sampling.images_per_prompt": 1025}, "sampling.images_per_prompt", "1025", "less than or equal to 1024"),
+    ({"sampling.steps": True}, "sampling.steps", "True", "a boolean is not a number"),
+    ({"sampling.guidance_scale": False}, "sampling.guidance_scale", "False", "a boolean is not a number"),
+    ({"compute.batch_size": True}, "compute.batch_size", "True", "a boolean is not a number"),
+    ({"compute.gpus_per_actor": True}, "compute.gpus_per_actor", "True", "a boolean is not a number"),
 ])
 def test_errors_name_field_value_and_what_is_allowed(override, field, value, allowed):
     with pytest.raises(ValueError) as error:
@@ -80,3 +88,15 @@ def test_secrets_do_not_show_in_dumps():
     config = load_job_config(None, {**REQUIRED, "s3.secret_access_key": "hunter2"})
     assert config.s3.secret_access_key.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(config) and "hunter2" not in config.model_dump_json()
+
+
+def test_yaml_rejects_duplicate_keys_and_booleans_for_numbers(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate key 'steps' \(line 4, first given on line 3\)"):
+        load_job_config(write_yaml(tmp_path, "input: {paths: [a.parquet]}\nsampling:\n  steps: 10\n  steps: 20\n"))
+    with pytest.raises(ValueError, match="duplicate key 'sampling'"):
+        load_job_config(write_yaml(tmp_path, "sampling: {steps: 10}\nsampling: {guidance_scale: 2}\n"))
+    with pytest.raises(ValueError, match="sampling.steps: value True is not allowed: .*a boolean is not a number"):
+        load_job_config(write_yaml(tmp_path, "sampling: {steps: true}\n"), REQUIRED)
+    config = load_job_config(write_yaml(tmp_path, "model: {uri: noop, compile: null}\nsampling: {steps: 7}\n"),
+                             REQUIRED)
+    assert config.sampling.steps == 7 and config.model.compile is None  # numbers and nulls still load

@@ -221,7 +221,7 @@ def masked(batch):
 @pytest.mark.parametrize("arguments, message", [
     (dict(prompt=[]), "empty list"),
     (dict(prompt=["ok", 3]), "list of strings"),
-    (dict(output_type="jpeg"), "output_type must be one of 'pil', 'np', 'latent', got 'jpeg'"),
+    (dict(output_type="jpeg"), "output_type must be one of 'pil', 'np', 'latent'; got 'jpeg'"),
     (dict(callback_steps=0), "callback_steps must be a positive integer, got 0"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer, got 0"),
     (dict(latents=masked(1) + 1), rf"latents values must lie in \[0, {CODEBOOK_SIZE}\]"),

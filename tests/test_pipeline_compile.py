@@ -55,7 +55,7 @@ def test_config_modes_are_the_pipeline_modes():
     from typing import get_args
 
     from vqbatch.config import ModelConfig
-    from vqbatch.pipeline import COMPILE_MODES
+    from vqbatch.choices import COMPILE_MODES
 
     literal, _ = get_args(ModelConfig.model_fields["compile"].annotation)
     assert get_args(literal) == COMPILE_MODES

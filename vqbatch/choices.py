@@ -24,6 +24,16 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 ImageFormat = Literal["png", "jpeg", "webp"]
 # What a run does with an output that already holds a dataset.
 OutputMode = Literal["error", "overwrite", "refresh"]
+# What a pipeline call returns: PIL images, a float array in [0, 1], or only the tokens.
+OutputType = Literal["pil", "np", "latent"]
+# The dtypes `vqbatch train` writes the weights in.
+TrainDType = Literal["float32", "float16"]
+# DDPMScheduler's options, with diffusers' names: its β schedule, the variance of each reverse step, what the model
+# predicts, and which timesteps a run of N steps visits.
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+DDPMTimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
@@ -32,6 +42,12 @@ DEVICES: tuple[str, ...] = get_args(Device)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
+OUTPUT_TYPES: tuple[str, ...] = get_args(OutputType)
+TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDType)
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+DDPM_TIMESTEP_SPACINGS: tuple[str, ...] = get_args(DDPMTimestepSpacing)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

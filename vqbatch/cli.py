@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vqbatch.choices import COMPILE_MODES, DTYPES, IMAGE_FORMATS, SAMPLERS, TIMESTEP_SPACINGS, TRAIN_DTYPES
+
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("tiny-model", help="write a small random-weight checkpoint in the diffusers layout")
@@ -56,10 +58,10 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--guidance-scale", "sampling.guidance_scale", float, "classifier-free guidance scale (default 5.0)"),
     ("--truncation-rate", "sampling.truncation_rate", float, "truncation rate in (0, 1] (default 1.0)"),
     ("--images-per-prompt", "sampling.images_per_prompt", int, "images per prompt (default 1)"),
-    ("--timestep-spacing", "sampling.timestep_spacing", str, "reference (diffusers' last N steps) or skip "
-                                                           "(fewer steps over the whole chain)"),
-    ("--sampler", "sampling.sampler", str, "reference (diffusers' sampling) or purity (Improved VQ-Diffusion's "
-                                           "purity prior: surest tokens first)"),
+    ("--timestep-spacing", "sampling.timestep_spacing", str, "reference: diffusers' last N steps; skip: fewer "
+                                                           "steps over the whole chain"),
+    ("--sampler", "sampling.sampler", str, "reference: diffusers' sampling; purity: Improved VQ-Diffusion's "
+                                           "purity prior, surest tokens first"),
     ("--prior-weight", "sampling.prior_weight", float, "r of the purity prior, >= 0: sharpens the surest tokens "
                                                        "(default 0; needs --sampler purity)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
@@ -69,10 +71,10 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
                                                           "(default 0.8)"),
     ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
     ("--cpus-per-actor", "compute.cpus_per_actor", float, "CPUs per actor (default 1)"),
-    ("--dtype", "model.dtype", str, "float32, float16 or bfloat16 (default float32)"),
-    ("--compile", "model.compile", str, "torch.compile the transformer: default, reduce-overhead (CUDA graphs), "
-                                        "max-autotune or max-autotune-no-cudagraphs (default: not compiled)"),
-    ("--image-format", "output.image_format", str, "png, jpeg or webp (default png)"),
+    ("--dtype", "model.dtype", str, "weights' and activations' dtype (default float32)"),
+    ("--compile", "model.compile", str, "torch.compile mode of the transformer; reduce-overhead adds CUDA graphs "
+                                        "(default: not compiled)"),
+    ("--image-format", "output.image_format", str, "image file format (default png)"),
     ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
     ("--rows-per-file", "output.rows_per_file", int, "rows per metadata Parquet file (default 1000)"),
 )
@@ -86,7 +88,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--vq-steps", type=int, help="VQ-VAE training steps (default: the config's)")
     parser.add_argument("--diffusion-steps", type=int, help="diffusion training steps (default: the config's)")
     parser.add_argument("--smoke", action="store_true", help="a tiny config that trains in a minute (for tests)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights written")
+    parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="float32", help="weights written")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a shared machine)")
 
     def run(args: argparse.Namespace) -> int:
@@ -123,13 +125,20 @@ def add_refresh_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_job_command, **{"output.mode": "refresh"})
 
 
+# the flags whose values are one of a list (vqbatch/choices.py): argparse names the flag, the value and the list
+FLAG_CHOICES = {"sampling.timestep_spacing": TIMESTEP_SPACINGS, "sampling.sampler": SAMPLERS, "model.dtype": DTYPES,
+                "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS}
+
+
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
     """The flags `generate` and `refresh` share: every job setting, the pool size, the cluster, the fingerprint."""
     parser.add_argument("--config", help="job YAML (sections input, model, sampling, compute, output, s3); "
                                          "flags override it")
     for flag, key, kind, text in GENERATE_FLAGS:
-        parser.add_argument(flag, dest=key, type=kind, help=text, metavar=flag[2:].upper().replace("-", "_"),
-                            action="append" if key == "input.paths" else None)
+        choices = FLAG_CHOICES.get(key)
+        parser.add_argument(flag, dest=key, type=kind, metavar=flag[2:].upper().replace("-", "_"),
+                            help=f"{text}; one of {', '.join(choices)}" if choices else text,
+                            action="append" if key == "input.paths" else None, choices=choices)
     parser.add_argument("--num-actors", type=int, help="fixed actor pool size (sets min and max)")
     parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else a new local Ray; "
                                               "'auto': a running cluster if any)")
@@ -185,7 +194,7 @@ def run_and_report(config, ray_address: str | None, allow_new_fingerprint: bool 
     try:
         summary = run_job(config, on_progress=ProgressLine(), ray_address=ray_address,
                           allow_new_fingerprint=allow_new_fingerprint)
-    except (ValueError, FileNotFoundError) as error:  # what the user must fix: input, output, model location
+    except (ValueError, OSError) as error:  # what the user must fix: input, output, checkpoint, its location
         return report_job_error(error)
     if summary.version is None:
         print(f"nothing to add: {summary.output_uri} already holds every row of the input for this model, these "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
@@ -18,12 +18,36 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
 from vqbatch.choices import CompileMode, Device, DType, ImageFormat, OutputMode, Sampler, TimestepSpacing
 
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
+# Each image of a prompt is an output row sampled in the same read block; a larger count is taken for a typo (a job
+# wanting more images of one prompt lists the prompt under several ids).
+MAX_IMAGES_PER_PROMPT = 1024
 
 
 class Section(BaseModel):
-    """Base of every config section: frozen (hashable, safe to share with Ray workers), strict about unknown keys."""
+    """Base of every config section: frozen (hashable, safe to share with Ray workers), strict about unknown keys and
+    about booleans where numbers belong (pydantic would read `steps: true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and takes_numbers_not_booleans(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean is not a number here; write the number")
+        return value
+
+
+def takes_numbers_not_booleans(annotation: Any) -> bool:
+    """Whether a field's type (through Optional, unions and Annotated) admits int or float but not bool."""
+    kinds, pending = set(), [annotation]
+    while pending:
+        kind = pending.pop()
+        arguments = get_args(kind)
+        if arguments and get_origin(kind) is not Literal:
+            pending.extend(arguments)
+        else:
+            kinds.add(kind)
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class InputConfig(Section):
@@ -56,9 +80,11 @@ class ModelConfig(Section):
 
 class SamplingConfig(Section):
     steps: int = Field(100, ge=1)  # reverse-diffusion steps
-    guidance_scale: float = Field(5.0, ge=0)  # classifier-free guidance weight; <= 1 disables guidance
-    truncation_rate: float = Field(1.0, gt=0, le=1)  # keep the most likely classes holding this probability mass
-    images_per_prompt: int = Field(1, ge=1)
+    # classifier-free guidance weight; <= 1 disables guidance
+    guidance_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # keep the most likely classes holding this probability mass
+    truncation_rate: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     timestep_spacing: TimestepSpacing = "reference"  # skip: fewer steps spread over the whole chain
     # purity: Improved VQ-Diffusion's purity prior, the surest tokens unmasked first and kept (schedulers/purity.py)
     sampler: Sampler = "reference"
@@ -145,7 +171,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"job config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
     if data is None:
@@ -154,6 +180,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} must hold a mapping with sections {', '.join(JobConfig.model_fields)}; "
                          f"got a {type(data).__name__}")
     return data
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line}, first given on line {seen[key]}); give each "
+                    "setting once", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def set_dotted(settings: dict[str, Any], dotted_key: str, value: Any) -> None:

@@ -12,7 +12,7 @@ the same generation fingerprint and the rows a killed run of the same version al
 writing the manifest last.
 
 This is the only module that talks to Ray Data. Everything a job needs is checked before Ray starts and before any
-model loads (`open_input`, `prepare_output`, `check_model_location`).
+model loads (`open_input`, `prepare_output`, `vqbatch.preflight.check_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,13 +30,12 @@ import ray
 import ray.data
 
 from vqbatch.batch_size import probe_batch_size
-from vqbatch.config import NOOP_MODEL, ComputeConfig, InputConfig, JobConfig, ModelConfig, SamplingConfig
+from vqbatch.config import ComputeConfig, InputConfig, JobConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
-from vqbatch.hub import looks_like_hub_id
 from vqbatch.io.dataset import check_output, prepare_output, sampled_table, write_shard
-from vqbatch.io.filesystems import is_s3
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
+from vqbatch.preflight import check_checkpoint
 from vqbatch.sampler import build_model, sample_rows
 
 SHARD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64())])
@@ -107,7 +105,7 @@ class JobSummary:
 
 def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
             ray_address: str | None = None, allow_new_fingerprint: bool = False) -> JobSummary:
-    """Check the input, output and model location, then sample the rows the output lacks on Ray and publish them
+    """Check the input, the output and the checkpoint against the sampling settings, then sample the rows the output lacks on Ray and publish them
     as a new version of the dataset (see `vqbatch.io.versions`).
 
     `output.mode`: `error` needs an empty output, `overwrite` replaces the dataset (cleared only once Ray is up and
@@ -115,7 +113,7 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
     fingerprint is a ValueError unless `allow_new_fingerprint`. Ray is not started when there is nothing to sample.
     """
     inputs = open_input(config.input, config.s3)
-    check_model_location(config.model)
+    check_checkpoint(config.model, config.sampling, config.s3)
     check_output(config.output, config.s3)
     plan = plan_version(config, inputs, allow_new_fingerprint)
     if not plan.pending and not plan.staged:
@@ -260,16 +258,6 @@ def check_cpu_left(compute: ComputeConfig, max_actors: int, cpus: float) -> None
         raise ValueError(f"compute: max_actors={max_actors} x cpus_per_actor={compute.cpus_per_actor} CPU would take "
                          f"every CPU of the cluster ({cpus:g}) and leave none for reading and writing; allowed: "
                          f"max_actors x cpus_per_actor <= {cpus - 1:g}")
-
-
-def check_model_location(model: ModelConfig) -> None:
-    """A local checkpoint folder must exist before actors start; s3:// URIs and hub ids are fetched by the actors."""
-    if model.uri == NOOP_MODEL or is_s3(model.uri):
-        return
-    path = Path(model.uri).expanduser()
-    if not path.is_dir() and not (looks_like_hub_id(model.uri) and not path.exists()):
-        raise FileNotFoundError(f"model {model.uri!r} is not a checkpoint folder, an s3:// URI, a hub id "
-                                f"(owner/name) or {NOOP_MODEL!r}")
 
 
 # Ray returns task results under `max_direct_call_object_size` bytes (100 KiB by default) inline to their owner, the

@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from vqbatch.choices import COMPILE_MODES, OUTPUT_TYPES, check_choice
 from vqbatch.configuration import DIFFUSERS_VERSION, read_json, write_json
 from vqbatch.hub import local_checkpoint
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
@@ -33,8 +34,6 @@ from vqbatch.outputs import BaseOutput
 from vqbatch.schedulers.purity import DEFAULT_PRIOR_WEIGHT, PurityPriorScheduler, check_sampler
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
 
-OUTPUT_TYPES = ("pil", "np", "latent")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 LOG_ZERO_FLOOR = -70.0  # log-probabilities are clamped here so that log(0) = -inf never reaches the scheduler
 
 
@@ -132,8 +131,7 @@ def to_pil_images(images: np.ndarray) -> list[PIL.Image.Image]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+    check_choice("output_type", output_type, OUTPUT_TYPES)
 
 
 def check_call_arguments(prompts: list[str], num_images_per_prompt: int, output_type: str, callback_steps: int,
@@ -230,8 +228,7 @@ class VQDiffusionPipeline:
         work, so its log-probabilities may differ from the eager ones in the last bits, and with them, rarely, a
         sampled token; `benchmarks.run model --compile` checks the tokens against the reference.
         """
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode must be one of {', '.join(map(repr, COMPILE_MODES))}, got {mode!r}")
+        check_choice("compile mode", mode, COMPILE_MODES)
         self.transformer.compile(mode=mode, dynamic=False)
         self.cuda_graphs = mode == "reduce-overhead"
         return self

@@ -14,19 +14,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from vqbatch.choices import BetaSchedule, DDPMTimestepSpacing, PredictionType, VarianceType
 from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
 from vqbatch.outputs import BaseOutput
 
-BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
@@ -179,7 +176,7 @@ class DDPMSchedulerConfig(ComponentConfig):
     dynamic_thresholding_ratio: float = Field(0.995, gt=0, le=1)
     clip_sample_range: float = Field(1.0, gt=0)
     sample_max_value: float = Field(1.0, gt=0)  # the largest threshold s of dynamic thresholding
-    timestep_spacing: TimestepSpacing = "leading"
+    timestep_spacing: DDPMTimestepSpacing = "leading"
     steps_offset: int = Field(0, ge=0)  # added to the 'leading' timesteps
     rescale_betas_zero_snr: bool = False  # make ᾱ_{T-1} = 0 (Lin et al. 2023); use with v_prediction
 
@@ -227,7 +224,7 @@ class DDPMScheduler(ConfigOnlyComponent):
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,
-        timestep_spacing: TimestepSpacing = "leading",
+        timestep_spacing: DDPMTimestepSpacing = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):

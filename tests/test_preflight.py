@@ -1,0 +1,192 @@
+"""The checkpoint preflight and the job settings checks: every bad setting is refused, naming the field, the value
+and what is allowed, before any Ray process exists and before any model loads."""
+
+import json
+import shutil
+
+import boto3
+import psutil
+import pytest
+import ray
+from vq_reference import hub_cache
+
+from vqbatch.cli import main
+from vqbatch.config import S3Config, load_job_config
+from vqbatch.engine import run_job
+from vqbatch.io.examples import EXAMPLE_PROMPTS
+from vqbatch.models.weight_files import check_safetensors_complete
+from vqbatch.preflight import check_checkpoint
+from vqbatch.tiny import write_tiny_checkpoint
+
+RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint to break."""
+    return shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
+
+
+def assert_no_ray():
+    """Ray was never started: not in this process, and no Ray process below it."""
+    assert not ray.is_initialized()
+    children = [child.name() for child in psutil.Process().children(recursive=True)]
+    assert not [name for name in children if name.startswith(RAY_PROCESS_NAMES)], children
+
+
+def job(model, tmp_path, **sampling):
+    return load_job_config(None, {"input.paths": [str(EXAMPLE_PROMPTS)], "output.uri": str(tmp_path / "out"),
+                                  "model.uri": str(model), **{f"sampling.{k}": v for k, v in sampling.items()}})
+
+
+def refused_by_cli(arguments, capsys) -> str:
+    assert main(arguments) == 2
+    assert_no_ray()
+    return capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings the checkpoint cannot run, and broken checkpoints: refused by run_job and by the CLI
+
+
+def test_steps_beyond_the_checkpoints_chain(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"sampling.steps: value 1000 is not allowed: .*num_train_timesteps=100, so "
+                                         r"steps must lie in \[1, 100\]"):
+        run_job(job(tiny_checkpoint, tmp_path, steps=1000))
+    assert_no_ray()
+    message = refused_by_cli(["generate", "--input", str(EXAMPLE_PROMPTS), "--output", str(tmp_path / "cli"),
+                              "--model", str(tiny_checkpoint), "--steps", "1000"], capsys)
+    assert "sampling.steps: value 1000" in message and "[1, 100]" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+    check_checkpoint(job(tiny_checkpoint, tmp_path).model, job(tiny_checkpoint, tmp_path, steps=100).sampling,
+                     S3Config())  # the whole chain is allowed
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--guidance-scale", "inf", "sampling.guidance_scale: value inf is not allowed: Input should be a finite number"),
+    ("--guidance-scale", "nan", "sampling.guidance_scale: value nan is not allowed"),
+    ("--truncation-rate", "inf", "sampling.truncation_rate: value inf is not allowed"),
+    ("--truncation-rate", "0", "sampling.truncation_rate: value 0.0 is not allowed: Input should be greater than 0"),
+    ("--images-per-prompt", "5000", "sampling.images_per_prompt: value 5000 is not allowed: Input should be less "
+                                    "than or equal to 1024"),
+    ("--sampler", "greedy", "argument --sampler: invalid choice: 'greedy' (choose from 'reference', 'purity')"),
+    ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"),
+])
+def test_bad_sampling_flags(tiny_checkpoint, tmp_path, capsys, flag, value, message):
+    arguments = ["generate", "--input", str(EXAMPLE_PROMPTS), "--output", str(tmp_path / "out"),
+                 "--model", str(tiny_checkpoint), flag, value]
+    if flag in ("--sampler", "--dtype"):  # argparse's own refusal
+        with pytest.raises(SystemExit):
+            main(arguments)
+        assert_no_ray()
+        assert message in capsys.readouterr().err
+    else:
+        assert message in refused_by_cli(arguments, capsys)
+
+
+def test_yaml_duplicate_keys_and_booleans_refused_by_the_cli(tiny_checkpoint, tmp_path, capsys):
+    head = f"input: {{paths: [{EXAMPLE_PROMPTS}]}}\nmodel: {{uri: {tiny_checkpoint}}}\noutput: {{uri: {tmp_path}/o}}\n"
+    for body, message in (("sampling:\n  steps: 4\n  steps: 5\n", "duplicate key 'steps' (line 6, first given on "
+                                                                   "line 5)"),
+                          ("sampling: {steps: true}\n", "sampling.steps: value True is not allowed"),
+                          ("sampling: {guidance_scale: .inf}\n", "sampling.guidance_scale: value inf")):
+        (tmp_path / "job.yaml").write_text(head + body)
+        assert message in refused_by_cli(["generate", "--config", str(tmp_path / "job.yaml")], capsys)
+
+
+def test_missing_tokenizer_files(checkpoint, tmp_path):
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (checkpoint / "tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"model.uri: checkpoint .* has no tokenizer files in tokenizer/ "
+                                                r"\(found: .*tokenizer_config.json.*\); a CLIP tokenizer needs "
+                                                r"tokenizer.json or vocab.json \+ merges.txt"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    assert_no_ray()
+
+
+def test_truncated_weight_file(checkpoint, tmp_path):
+    weights = checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    check_safetensors_complete(weights)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"weight file .*transformer/diffusion_pytorch_model.safetensors is "
+                                         r"truncated: its header describes \d+ bytes, the file has \d+"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    weights.write_bytes(b"\x05")
+    with pytest.raises(ValueError, match="not even a safetensors header"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    weights.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="its header claims 1000000 bytes, the file has 10"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    assert_no_ray()
+
+
+def test_missing_component_and_missing_shard(checkpoint, tmp_path):
+    from vqbatch import VQModel
+
+    vqvae = VQModel.from_pretrained(checkpoint, subfolder="vqvae")
+    shutil.rmtree(checkpoint / "vqvae")
+    vqvae.save_pretrained(checkpoint / "vqvae", max_shard_size=20_000)
+    sorted((checkpoint / "vqvae").glob("*-of-*.safetensors"))[0].unlink()
+    with pytest.raises(FileNotFoundError, match="names shard files that are missing: diffusion_pytorch_model-00001"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    del index["scheduler"]
+    (checkpoint / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model_index.json lacks scheduler"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    with pytest.raises(FileNotFoundError, match="model.uri: 'no/such/folder/here' is not a checkpoint folder"):
+        run_job(job("no/such/folder/here", tmp_path))
+    assert_no_ray()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# s3:// and hub checkpoints: only their config files are read
+
+
+def test_s3_checkpoint_is_checked_from_its_configs_alone(tiny_checkpoint, tmp_path, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="models")
+        for path in sorted(tiny_checkpoint.rglob("*")):
+            if path.is_file() and path.suffix != ".safetensors":  # configs and tokenizer only: weights never read
+                client.upload_file(str(path), "models", f"tiny/{path.relative_to(tiny_checkpoint)}")
+        config = job("s3://models/tiny", tmp_path, steps=101)
+        with pytest.raises(ValueError, match=r"sampling.steps: value 101 .*'s3://models/tiny'"):
+            check_checkpoint(config.model, config.sampling, config.s3)
+        check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=100).sampling, config.s3)
+        for name in ("vocab.json", "tokenizer.json"):
+            client.delete_object(Bucket="models", Key=f"tiny/tokenizer/{name}")
+        with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+            check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=5).sampling, config.s3)
+        assert not (tmp_path / "cache").exists()  # nothing downloaded
+    finally:
+        server.stop()
+
+
+def test_hub_checkpoint_is_checked_from_its_configs_alone(offline_hub, tiny_checkpoint, tmp_path):
+    configs_only = tmp_path / "configs-only"
+    for path in tiny_checkpoint.rglob("*"):
+        if path.is_file() and path.suffix != ".safetensors":
+            target = configs_only / path.relative_to(tiny_checkpoint)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    hub_cache(offline_hub, "vqbatch-tests/tiny", {"main": configs_only})
+    check_checkpoint(job("vqbatch-tests/tiny", tmp_path).model, job("vqbatch-tests/tiny", tmp_path, steps=100).sampling,
+                     S3Config())
+    with pytest.raises(ValueError, match=r"sampling.steps: value 500 .*'vqbatch-tests/tiny'.*\[1, 100\]"):
+        check_checkpoint(job("vqbatch-tests/tiny", tmp_path).model,
+                         job("vqbatch-tests/tiny", tmp_path, steps=500).sampling, S3Config())
