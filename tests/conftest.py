@@ -2,6 +2,7 @@
 shared fixtures."""
 
 import os
+import socket
 
 import pytest
 
@@ -21,3 +22,25 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     monkeypatch.setenv("VQBATCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "hub"
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch, tmp_path):
+    """A moto S3 server on loopback, the AWS_* variables pointing boto3 at it, and an empty checkpoint cache."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    server.stop()

@@ -2,7 +2,6 @@
 s3:// against a local moto server, and hub ids without a network."""
 
 import json
-import socket
 from pathlib import Path
 
 import boto3
@@ -211,28 +210,6 @@ def test_torch_dtype_and_device(tiny_checkpoint):
 
 # ---------------------------------------------------------------------------------------------------------------
 # where checkpoints come from
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch, tmp_path):
-    """A moto S3 server on loopback, the AWS_* variables pointing boto3 at it, and an empty checkpoint cache."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(name, value)
-    yield
-    server.stop()
 
 
 def test_s3_checkpoint_is_downloaded_once_and_loads(s3_endpoint, tiny_checkpoint):

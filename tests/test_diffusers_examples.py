@@ -66,3 +66,16 @@ def test_fp16_example_samples_an_image(ithq_in_hub_cache):
     assert pipe.dtype == torch.float16 and torch.equal(pipe.transformer.out.weight.cpu(), half.transformer.out.weight)
     assert isinstance(image, PIL.Image.Image) and image.size == (IMAGE_SIZE, IMAGE_SIZE)
     assert np.asarray(image).std() > 0  # a sampled picture, not a blank
+
+
+def test_diffusers_names_of_the_model_stack_import_from_vqbatch():
+    import diffusers
+
+    import vqbatch
+
+    names = ["VQDiffusionPipeline", "ImagePipelineOutput", "VQModel", "Transformer2DModel", "VQDiffusionScheduler",
+             "DDPMScheduler"]
+    for name in names:
+        assert hasattr(diffusers, name), name
+        assert name in vqbatch.__all__ and getattr(vqbatch, name) is not None, name
+    assert vqbatch.Transformer2DModel is vqbatch.VQDiffusionTransformer

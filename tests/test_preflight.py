@@ -148,33 +148,21 @@ def test_missing_component_and_missing_shard(checkpoint, tmp_path):
 # s3:// and hub checkpoints: only their config files are read
 
 
-def test_s3_checkpoint_is_checked_from_its_configs_alone(tiny_checkpoint, tmp_path, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{server._server.server_port}"
-        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                            "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(name, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="models")
-        for path in sorted(tiny_checkpoint.rglob("*")):
-            if path.is_file() and path.suffix != ".safetensors":  # configs and tokenizer only: weights never read
-                client.upload_file(str(path), "models", f"tiny/{path.relative_to(tiny_checkpoint)}")
-        config = job("s3://models/tiny", tmp_path, steps=101)
-        with pytest.raises(ValueError, match=r"sampling.steps: value 101 .*'s3://models/tiny'"):
-            check_checkpoint(config.model, config.sampling, config.s3)
-        check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=100).sampling, config.s3)
-        for name in ("vocab.json", "tokenizer.json"):
-            client.delete_object(Bucket="models", Key=f"tiny/tokenizer/{name}")
-        with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
-            check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=5).sampling, config.s3)
-        assert not (tmp_path / "cache").exists()  # nothing downloaded
-    finally:
-        server.stop()
+def test_s3_checkpoint_is_checked_from_its_configs_alone(s3_endpoint, tiny_checkpoint, tmp_path):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="models")
+    for path in sorted(tiny_checkpoint.rglob("*")):
+        if path.is_file() and path.suffix != ".safetensors":  # configs and tokenizer only: weights are never read
+            client.upload_file(str(path), "models", f"tiny/{path.relative_to(tiny_checkpoint)}")
+    config = job("s3://models/tiny", tmp_path, steps=101)
+    with pytest.raises(ValueError, match=r"sampling.steps: value 101 .*'s3://models/tiny'"):
+        check_checkpoint(config.model, config.sampling, config.s3)
+    check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=100).sampling, config.s3)
+    for name in ("vocab.json", "tokenizer.json"):
+        client.delete_object(Bucket="models", Key=f"tiny/tokenizer/{name}")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        check_checkpoint(config.model, job("s3://models/tiny", tmp_path, steps=5).sampling, config.s3)
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
 
 
 def test_hub_checkpoint_is_checked_from_its_configs_alone(offline_hub, tiny_checkpoint, tmp_path):

@@ -265,7 +265,8 @@ class VQDiffusionPipeline:
         over the whole chain (see `VQDiffusionScheduler.set_timesteps`). `sampler`: "reference" samples every
         token at every step (diffusers' behaviour), "purity" unmasks the tokens the model is surest of first and
         keeps them (Improved VQ-Diffusion's purity prior, `vqbatch.schedulers.purity`), its sampling sharpened by
-        `prior_weight` (r >= 0).
+        `prior_weight` (r >= 0). Returns an `ImagePipelineOutput`, or with `return_dict=False` the tuple `(images,)`
+        as diffusers does (`(tokens,)` for output_type="latent").
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
