@@ -30,6 +30,9 @@ class BaseOutput(Mapping):
             return getattr(self, key)
         return self.to_tuple()[key]
 
+    def __contains__(self, key: object) -> bool:  # a key, never a position
+        return key in self.keys()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
