@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vqbatch.choices import COMPILE_MODES
+from vqbatch.choices import COMPILE_MODES, SAMPLERS
 
 # Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {
@@ -35,6 +35,26 @@ def integers(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
     return values
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    """"1,2.5" -> (1.0, 2.5)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5; got {text!r}") from None
+
+
+def names(allowed: tuple[str, ...]):
+    """An argparse type: comma-separated names, each one of `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(text.split(","))
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not allowed; choose from "
+                                             f"{', '.join(allowed)}")
+        return values
+    return parse
 
 
 def add_common(parser: argparse.ArgumentParser, sizes: bool = True) -> None:
@@ -88,18 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="prompt counts, comma-separated (default 10000,100000,1000000)")
     dataplane.add_argument("--batch", type=int, default=1000, help="rows per actor call")
     dataplane.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file")
-    quality = benchmarks.add_parser("quality", help="samplers x steps x guidance -> prompt adherence and images/s")
+    quality = benchmarks.add_parser("quality", help="samplers x steps x truncation x guidance -> prompt adherence, "
+                                                    "specks and images/s")
     add_common(quality, sizes=False)
     quality.add_argument("--model", help="a trained shapes checkpoint (default: the shipped default model)")
     quality.add_argument("--one-object", type=int, default=200, help="one-object evaluation prompts (default 200)")
     quality.add_argument("--two-object", type=int, default=100, help="two-object evaluation prompts (default 100)")
-    quality.add_argument("--samplers", default="reference,purity",
-                         help="comma-separated: reference, purity (default both)")
-    quality.add_argument("--step-counts", type=integers, default=(100, 50, 25, 10),
-                         help="steps over the whole chain, comma-separated (default 100,50,25,10)")
-    quality.add_argument("--guidance-scales", default="1,3", help="comma-separated (default 1,3)")
+    quality.add_argument("--samplers", type=names(SAMPLERS), default=SAMPLERS,
+                         help=f"comma-separated: {', '.join(SAMPLERS)} (default all)")
+    quality.add_argument("--step-counts", type=integers, default=(100, 25),
+                         help="steps over the whole chain, comma-separated (default 100,25)")
+    quality.add_argument("--guidance-scales", type=numbers, default=(1.0, 2.0, 3.0, 5.0),
+                         help="comma-separated (default 1,2,3,5)")
+    quality.add_argument("--truncation-rates", type=numbers, default=(1.0, 0.86),
+                         help="comma-separated, each in (0, 1] (default 1,0.86)")
     quality.add_argument("--prior-weight", type=float, default=1.0, help="the purity sampler's prior_weight")
-    quality.add_argument("--truncation-rate", type=float, default=1.0)
     quality.add_argument("--batch", type=int, default=50, help="images per pipeline call")
     quality.add_argument("--seed", type=int, default=0, help="image i is sampled with seed + i")
     return parser
@@ -166,11 +189,9 @@ def run_quality(args: argparse.Namespace):
     from vqbatch.cli import DEFAULT_MODEL
 
     settings = quality.Settings(model=args.model or str(DEFAULT_MODEL), one_object=args.one_object,
-                                two_object=args.two_object, samplers=tuple(args.samplers.split(",")),
-                                step_counts=args.step_counts,
-                                guidance_scales=tuple(float(g) for g in args.guidance_scales.split(",")),
-                                prior_weight=args.prior_weight, truncation_rate=args.truncation_rate,
-                                batch=args.batch, seed=args.seed)
+                                two_object=args.two_object, samplers=args.samplers, step_counts=args.step_counts,
+                                guidance_scales=args.guidance_scales, truncation_rates=args.truncation_rates,
+                                prior_weight=args.prior_weight, batch=args.batch, seed=args.seed)
     return quality.run(settings), "quality"
 
 

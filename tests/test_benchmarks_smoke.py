@@ -124,23 +124,45 @@ def test_peak_memory_sees_the_driver_and_its_children():
     assert memory.peaks.tree_total_mib >= memory.peaks.driver_mib + 50  # the child's 64 MiB buffer was seen
 
 
-def test_quality_benchmark_scores_every_setting_and_finds_the_cheapest_close_one(tmp_path):
-    main(["quality", "--one-object", "4", "--two-object", "2", "--step-counts", "8,2", "--guidance-scales", "1",
-          "--batch", "6", "--out", str(tmp_path)])  # the shipped default model
+def test_quality_benchmark_scores_every_setting_and_reads_the_grid_against_the_targets(tmp_path):
+    main(["quality", "--one-object", "4", "--two-object", "2", "--step-counts", "8,2", "--guidance-scales", "1,3",
+          "--truncation-rates", "1,0.86", "--batch", "6", "--out", str(tmp_path)])  # the shipped default model
     result = json.loads((tmp_path / "quality.json").read_text())
     rows = result["rows"]
-    assert [(r["sampler"], r["steps"]) for r in rows] == [("reference", 8), ("reference", 2), ("purity", 8),
-                                                          ("purity", 2)]
+    assert [(r["sampler"], r["steps"], r["truncation_rate"], r["guidance_scale"]) for r in rows] == [
+        (sampler, steps, truncation, guidance) for sampler in ("reference", "purity") for steps in (8, 2)
+        for truncation in (1.0, 0.86) for guidance in (1.0, 3.0)]
     for row in rows:
-        assert row["transformer_calls"] == row["steps"]
-        assert 0.0 <= row["one_object_all"] <= 1.0 and 0.0 <= row["two_object_all"] <= 1.0
+        assert row["transformer_calls"] == row["steps"] * (2 if row["guidance_scale"] > 1 else 1)
+        for key in ("one_object_all", "two_object_all", "one_object_specks", "two_object_specks"):
+            assert 0.0 <= row[key] <= 1.0
         assert row["one_object_all"] <= min(row[f"one_object_{a}"] for a in ("kind", "colour", "position", "size"))
     summary = result["summary"]
-    assert summary["baseline"] == rows[0]  # the only reference row at the most steps
-    cheap = [r for r in rows if r["steps"] == 2]
+    assert summary["baseline"] == max(rows[:4], key=lambda r: r["one_object_all"])  # reference rows at 8 steps
+    cheap = [r for r in rows if 4 * r["transformer_calls"] <= summary["baseline"]["transformer_calls"]]
     assert summary["best_with_4x_fewer_calls"]["one_object_all"] == max(r["one_object_all"] for r in cheap)
-    assert summary["gap_points"] == pytest.approx(
-        100 * (rows[0]["one_object_all"] - summary["best_with_4x_fewer_calls"]["one_object_all"]), abs=0.05)
+    best = summary["best_guided"]
+    guided = [r for r in rows if r["guidance_scale"] == 3]
+    assert (best["two_object_all"], best["one_object_all"]) == max((r["two_object_all"], r["one_object_all"])
+                                                                    for r in guided)
+    unguided = summary["unguided_same_setting"]
+    assert {k: unguided[k] for k in ("sampler", "steps", "truncation_rate", "guidance_scale")} == {
+        "sampler": best["sampler"], "steps": best["steps"], "truncation_rate": best["truncation_rate"],
+        "guidance_scale": 1.0}
+    assert summary["guidance_gain_two_object_points"] == pytest.approx(
+        100 * (best["two_object_all"] - unguided["two_object_all"]), abs=0.05)
+    table = (tmp_path / "quality.md").read_text()
+    assert "| sampler | steps | guidance_scale | truncation_rate |" in table and "two_object_specks" in table
+
+
+@pytest.mark.parametrize("flag, value, message", [("--samplers", "reference,fast", "'fast' not allowed"),
+                                                  ("--guidance-scales", "1,x", "comma-separated numbers"),
+                                                  ("--step-counts", "0", "positive integers")])
+def test_quality_benchmark_refuses_a_bad_grid(flag, value, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["quality", flag, value, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "quality.json").exists()
 
 
 def test_cpu_seconds_leave_out_a_process_that_exited_instead_of_subtracting_it():

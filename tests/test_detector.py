@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from vqbatch.train.detector import detect, detector_accuracy, parse_caption, score, summarize
-from vqbatch.train.shapes import Scene, Shape, ShapesDataset, render
+from vqbatch.train.detector import (MIN_AREA_FRACTION, count_specks, detect, detector_accuracy, parse_caption, score,
+                                    summarize)
+from vqbatch.train.shapes import COLOURS, Scene, Shape, ShapesDataset, render
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -10,6 +11,43 @@ def test_detector_agrees_with_ground_truth_renders(image_size):
     accuracy = detector_accuracy(400, seed=777, image_size=image_size)
     assert accuracy["n"] == 400
     assert accuracy["all"] >= 0.99, accuracy
+
+
+def add_specks(image: np.ndarray, count: int, side: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` square blobs of `side` pixels in palette colours, each on background with a free ring around it."""
+    speckled = image.copy()
+    background = image[0, 0]
+    added = 0
+    while added < count:
+        y, x = rng.integers(1, image.shape[0] - side - 1, size=2)
+        ring = speckled[y - 1:y + side + 1, x - 1:x + side + 1]
+        if (ring == background).all() and (image[y - 1:y + side + 1, x - 1:x + side + 1] == background).all():
+            speckled[y:y + side, x:x + side] = list(COLOURS.values())[rng.integers(len(COLOURS))]
+            added += 1
+    return speckled
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_specks_are_counted_on_renders_and_leave_the_scene_alone(image_size):
+    dataset = ShapesDataset(60, seed=31, image_size=image_size)
+    rng = np.random.default_rng(0)
+    largest_speck = int((MIN_AREA_FRACTION * image_size ** 2) ** 0.5)  # side of the largest square speck
+    for index in range(60):
+        sample = dataset[index]
+        assert count_specks(sample.image) == 0  # a ground-truth render has none
+        count, side = index % 4, 1 + index % largest_speck
+        speckled = add_specks(sample.image, count, side, rng)
+        assert count_specks(speckled) == count, (index, count, side)
+        assert score(speckled, sample.scene)["all"]  # specks are not shapes
+
+
+def test_a_blob_as_big_as_a_shape_is_no_speck():
+    image = render(Scene((Shape("circle", "red", "top left", "small"),), "white"), side=32)
+    image[20:26, 20:26] = COLOURS["blue"]  # 36 pixels: a shape's size, so an extra shape (count fails), not a speck
+    assert count_specks(image) == 0 and not score(image, "a small red circle at the top left on a white background")[
+        "count"]
+    image[2, 28] = (250, 250, 250)  # near the background colour: not foreground at all
+    assert count_specks(image) == 0
 
 
 def test_scrambled_captions_score_low():
@@ -90,7 +128,8 @@ def test_evaluate_dataset_reports_each_group(tmp_path):
     assert report["overall"]["all"] == pytest.approx(
         sum(score(samples[i].image, prompts[i])["all"] for i in scored) / len(scored))
     assert 27 / 38 <= report["overall"]["all"] <= 29 / 38  # 28 right captions; a swap may match by chance
-    assert "one_object" in format_report(report)
+    assert report["overall"]["specks"] == 0.0  # ground-truth renders
+    assert "one_object" in format_report(report) and "specks" in format_report(report)
 
 
 def test_eval_command_prints_the_table(tmp_path, capsys):

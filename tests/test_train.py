@@ -6,8 +6,9 @@ import torch
 
 from vqbatch.pipeline import VQDiffusionPipeline
 from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
-from vqbatch.train.diffusion import Schedule, diffusion_loss, log_one_hot, log_posterior, q_sample
-from vqbatch.train.loop import SMOKE_CONFIG, STATE_NAME, TrainConfig, build_models, train, training_data
+from vqbatch.train.diffusion import Schedule, TimestepSampler, diffusion_loss, log_one_hot, log_posterior, q_sample
+from vqbatch.train.loop import (SMOKE_CONFIG, STATE_NAME, TrainConfig, build_models, prompt_draws, step_generator,
+                                train, training_data)
 from vqbatch.train.text import conditions
 from vqbatch.train.vqvae import images_to_tensor, vqvae_loss
 
@@ -59,6 +60,42 @@ def test_loss_vanishes_for_a_perfect_prediction_only(schedule):
     guessing = diffusion_loss(random_log_p_x_0(20, generator), x_0, x_t, t, schedule, aux_weight=0.1)
     assert perfect.total.item() < 1e-6 and perfect.x0.item() < 1e-6
     assert guessing.total.item() > 0.1 and guessing.x0.item() > 1.0
+
+
+def test_importance_sampling_follows_the_root_mean_square_loss_and_stays_unbiased():
+    sampler = TimestepSampler(4, importance=True)
+    generator = torch.Generator().manual_seed(3)
+    losses = torch.tensor([9.0, 1.0, 2.0, 4.0])  # t = 0 (the decoder term) is weighted as t = 1
+    for _ in range(TimestepSampler.IMPORTANCE_AFTER):
+        sampler.update(torch.arange(4), losses)
+        assert torch.equal(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))  # still uniform
+        assert torch.equal(sampler.sample(8, generator)[1], torch.ones(8))
+    sampler.update(torch.arange(4), losses)
+    t, weights = sampler.sample(200_000, generator)
+    shares = torch.bincount(t, minlength=4).double() / len(t)
+    torch.testing.assert_close(shares, torch.tensor([1, 1, 2, 4], dtype=torch.float64) / 8, atol=0.005, rtol=0)
+    f = torch.tensor([3.0, -1.0, 5.0, 2.0])  # any per-timestep quantity: its weighted mean is the uniform mean
+    assert (weights * f[t]).mean().item() == pytest.approx(f.mean().item(), abs=0.03)
+    resumed = TimestepSampler(4, importance=True)
+    resumed.load_state_dict(sampler.state_dict())
+    assert torch.equal(resumed.sample(16, torch.Generator().manual_seed(5))[0],
+                       sampler.sample(16, torch.Generator().manual_seed(5))[0])
+    assert torch.equal(TimestepSampler(4, importance=False).probabilities(), torch.full((4,), 0.25,
+                                                                                         dtype=torch.float64))
+
+
+@pytest.mark.parametrize("drop_rate", [None, 0.1, 0.5])
+def test_the_recipe_drops_its_configured_share_of_prompts(drop_rate):
+    config = TrainConfig() if drop_rate is None else TrainConfig(drop_rate=drop_rate)
+    steps = config.dataset_size // config.batch_size  # one epoch of the diffusion stage, as training draws it
+    draws = [prompt_draws(config, config.dataset_size, step_generator(config.seed, "diffusion", step))
+             for step in range(steps)]
+    dropped = torch.cat([d for _, d in draws])
+    samples = steps * config.batch_size
+    tolerance = 4 * (config.drop_rate * (1 - config.drop_rate) / samples) ** 0.5  # 4 binomial standard deviations
+    assert dropped.float().mean().item() == pytest.approx(config.drop_rate, abs=tolerance)
+    rows = torch.cat([r for r, _ in draws])
+    assert rows[dropped].unique().numel() > 0.5 * dropped.sum().item()  # dropping is not tied to a few scenes
 
 
 # ---------------------------------------------------------------- smoke training

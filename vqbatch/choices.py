@@ -28,6 +28,9 @@ OutputMode = Literal["error", "overwrite", "refresh"]
 OutputType = Literal["pil", "np", "latent"]
 # The dtypes `vqbatch train` writes the weights in.
 TrainDType = Literal["float32", "float16"]
+# How `vqbatch train` draws each sample's timestep: uniformly, or in proportion to the root mean square of its loss
+# (the reference VQ-Diffusion's "importance" sampling).
+TimestepSampling = Literal["uniform", "importance"]
 # DDPMScheduler's options, with diffusers' names: its β schedule, the variance of each reverse step, what the model
 # predicts, and which timesteps a run of N steps visits.
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -44,6 +47,7 @@ IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
 OUTPUT_TYPES: tuple[str, ...] = get_args(OutputType)
 TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDType)
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)

@@ -1,6 +1,7 @@
 """Prompt adherence: how often generated images show what their prompts say, per attribute, by the detector.
 
-One-object and two-object prompts are reported apart (two shapes are much harder to get all right). Prompts
+One-object and two-object prompts are reported apart (two shapes are much harder to get all right). Each summary
+also has `specks`, the share of images with stray specks (`count_specks`), whatever their attributes. Prompts
 outside the shapes grammar cannot be checked and are counted, not scored.
 """
 
@@ -15,7 +16,7 @@ from vqbatch.config import S3Config
 from vqbatch.io.dataset import OutputRoot, read_metadata
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image, to_uint8
-from vqbatch.train.detector import parse_caption, score, summarize
+from vqbatch.train.detector import count_specks, parse_caption, score, summarize
 from vqbatch.train.shapes import ShapesDataset
 
 EVALUATION_SEED = 20240601  # prompts for evaluation come from a dataset seed training never uses
@@ -24,6 +25,7 @@ EVALUATION_SEED = 20240601  # prompts for evaluation come from a dataset seed tr
 def adherence_report(pairs: Iterable[tuple[np.ndarray, str]]) -> dict:
     """Adherence of (image (H, W, 3) uint8, prompt) pairs: `one_object`, `two_object` and `overall` summaries."""
     groups: dict[str, list[dict[str, bool]]] = {"one_object": [], "two_object": []}
+    specks: dict[str, list[bool]] = {"one_object": [], "two_object": []}
     unscored = 0
     for image, prompt in pairs:
         try:
@@ -31,10 +33,17 @@ def adherence_report(pairs: Iterable[tuple[np.ndarray, str]]) -> dict:
         except ValueError:
             unscored += 1
             continue
-        groups["one_object" if len(scene.shapes) == 1 else "two_object"].append(score(image, scene))
-    everything = groups["one_object"] + groups["two_object"]
-    return {**{name: summarize(scores) for name, scores in groups.items()}, "overall": summarize(everything),
-            "unscored_prompts": unscored}
+        group = "one_object" if len(scene.shapes) == 1 else "two_object"
+        groups[group].append(score(image, scene))
+        specks[group].append(count_specks(image) > 0)
+    summaries = {name: speckled_summary(groups[name], specks[name]) for name in groups}
+    overall = speckled_summary(groups["one_object"] + groups["two_object"], specks["one_object"] + specks["two_object"])
+    return {**summaries, "overall": overall, "unscored_prompts": unscored}
+
+
+def speckled_summary(scores: list[dict[str, bool]], specks: list[bool]) -> dict[str, float]:
+    """`summarize` of the scores plus `specks`, the share of the images with stray specks."""
+    return {**summarize(scores), "specks": float(np.mean(specks)) if specks else float("nan")}
 
 
 def evaluation_prompts(one_object: int, two_object: int, seed: int = EVALUATION_SEED) -> list[str]:
@@ -69,7 +78,7 @@ def evaluate_dataset(uri: str, s3: S3Config | None = None) -> dict:
 
 def format_report(report: dict) -> str:
     """A small text table: one line per prompt group, one column per attribute."""
-    keys = ("count", "background", "kind", "colour", "position", "size", "all")
+    keys = ("count", "background", "kind", "colour", "position", "size", "all", "specks")
     lines = [f"{'group':<11}{'n':>6}" + "".join(f"{k:>11}" for k in keys)]
     for group in ("one_object", "two_object", "overall"):
         summary = report[group]

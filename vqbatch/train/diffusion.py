@@ -11,6 +11,11 @@ and single steps (α_t, β_t, γ_t):
                            plus λ L_x0 with L_x0 = -log p_θ(x_0 | x_t, y), the auxiliary denoising objective,
                            weighted (2 - t/T) as the reference implementation does (its "adaptive" weight).
 
+Timesteps are drawn uniformly, or (`TimestepSampler`, as the reference trains) by importance: p(t) ∝ sqrt(E[L_t²])
+from a running mean of each timestep's squared loss, each sample's loss weighted 1 / (T p(t)) so the objective's
+expectation stays the uniform one. The hard, high-noise timesteps, where the prompt (or its absence, for the learned
+"no prompt" embeddings) decides the most, then get more of a short run's samples.
+
 The scheduler's `q_posterior` computes eq. 11 for one shared timestep, without gradients. Training needs a
 timestep per sample and gradients through p_θ, so `log_posterior` evaluates the same closed form with every
 schedule entry gathered per sample; a test checks the two agree.
@@ -100,19 +105,68 @@ class DiffusionLoss:
     total: torch.Tensor  # scalar, what is minimised
     vlb: torch.Tensor  # scalar, L_vlb per latent pixel (nats)
     x0: torch.Tensor  # scalar, -log p(x_0 | x_t) per latent pixel (nats)
+    per_sample_vlb: torch.Tensor  # (B,) L_vlb of each sample per latent pixel, detached: the sampler's history
 
 
 def diffusion_loss(log_p_x_0: torch.Tensor, x_0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   schedule: Schedule, aux_weight: float) -> DiffusionLoss:
-    """L_vlb + λ L_x0 (eq. 12 and sec. 4.3) from the transformer's log p(x_0 | x_t, y) (B, K, P)."""
+                   schedule: Schedule, aux_weight: float, weights: torch.Tensor | None = None) -> DiffusionLoss:
+    """L_vlb + λ L_x0 (eq. 12 and sec. 4.3) from the transformer's log p(x_0 | x_t, y) (B, K, P).
+
+    `weights` (B,) scale each sample's terms (importance sampling's 1 / (T p(t))); None weighs all alike.
+    """
+    weight_of = torch.ones(t.shape) if weights is None else weights  # (B,)
     log_p_x_0 = log_p_x_0.clamp(min=LOG_FLOOR)
     log_true = log_posterior(log_one_hot(x_0, schedule.num_classes), x_t, t, schedule)  # (B, K+1, P)
     log_model = log_posterior(log_p_x_0, x_t, t, schedule)  # (B, K+1, P)
     kl = (log_true.exp() * (log_true - log_model)).sum(dim=1)  # (B, P)
     decoder_nll = -log_model.gather(1, x_0.unsqueeze(1)).squeeze(1)  # (B, P): -log p(x_0 | x_1) at t = 0
     first = (t == 0).view(-1, 1)  # (B, 1)
-    vlb = torch.where(first, decoder_nll, kl).mean()
+    per_sample = torch.where(first, decoder_nll, kl).mean(dim=1)  # (B,)
     x0_nll = -log_p_x_0.gather(1, x_0.unsqueeze(1)).squeeze(1)  # (B, P)
-    weight = (2.0 - t.float() / schedule.num_timesteps).view(-1, 1)  # (B, 1)
-    auxiliary = (weight * torch.where(first, decoder_nll, x0_nll)).mean()
-    return DiffusionLoss(total=vlb + aux_weight * auxiliary, vlb=vlb.detach(), x0=x0_nll.mean().detach())
+    adaptive = 2.0 - t.float() / schedule.num_timesteps  # (B,)
+    auxiliary = adaptive * torch.where(first, decoder_nll, x0_nll).mean(dim=1)  # (B,)
+    total = (weight_of * (per_sample + aux_weight * auxiliary)).mean()
+    return DiffusionLoss(total=total, vlb=per_sample.mean().detach(), x0=x0_nll.mean().detach(),
+                         per_sample_vlb=per_sample.detach())
+
+
+class TimestepSampler:
+    """Draws each sample's t: uniformly, or by importance once every t has `IMPORTANCE_AFTER` losses seen.
+
+    Importance (the reference's `sample_time`, after Nichol & Dhariwal 2021): p(t) ∝ sqrt(E[L_t²]) + 1e-4 from a
+    running mean (0.9 old, 0.1 new) of each timestep's squared loss, with t = 0 (the decoder term, of another scale)
+    given the weight of t = 1. Its state is plain tensors, saved with a training run so a resumed run draws the same.
+    """
+
+    IMPORTANCE_AFTER = 10
+
+    def __init__(self, num_timesteps: int, importance: bool):
+        self.importance = importance
+        self.history = torch.zeros(num_timesteps, dtype=torch.float64)  # (T,) running mean of L_t²
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64)  # (T,) losses seen per timestep
+
+    def probabilities(self) -> torch.Tensor:
+        """p(t), (T,) float64."""
+        if not self.importance or bool((self.counts <= self.IMPORTANCE_AFTER).any()):
+            return torch.full(self.history.shape, 1.0 / len(self.history), dtype=torch.float64)
+        root = self.history.sqrt() + 1e-4
+        root[0] = root[1]
+        return root / root.sum()
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B,) and each sample's loss weight 1 / (T p(t)) (B,), which is 1 under uniform sampling."""
+        p = self.probabilities()
+        t = torch.multinomial(p, batch, replacement=True, generator=generator)  # (B,)
+        return t, (1.0 / (len(p) * p[t])).float()
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Fold one batch's per-sample losses (B,) in, sample by sample in batch order (deterministic)."""
+        for step, loss in zip(t.tolist(), losses.double().tolist()):
+            self.history[step] = 0.9 * self.history[step] + 0.1 * loss * loss
+            self.counts[step] += 1
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.counts = state["history"].clone(), state["counts"].clone()
