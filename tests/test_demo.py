@@ -23,7 +23,7 @@ def fresh_ray():
 def test_demo_writes_a_dataset_whose_images_follow_their_prompts(tmp_path, fresh_ray, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--output", str(output)]) == 0
-    assert "look at:" in capsys.readouterr().out
+    assert f"see the images with their prompts: vqbatch report {output}" in capsys.readouterr().out
     manifest = read_manifest(OutputRoot(*resolve(str(output), S3Config())))
     assert len(manifest["versions"]) == 1
     report = evaluate_dataset(str(output))

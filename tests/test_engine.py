@@ -1,5 +1,6 @@
 """The whole engine on a real local Ray instance: local and S3 (moto server) datasets, reproducibility, job errors."""
 
+import json
 import os
 
 import boto3
@@ -57,10 +58,16 @@ def test_generate_end_to_end_on_local_ray(tiny_model, tmp_path, capsys):
     code = main(["generate", "--input", str(tmp_path / "in" / "part-0.parquet"),
                  "--input", str(tmp_path / "in" / "part-1.parquet"), "--output", str(output),
                  "--model", tiny_model, "--steps", "3", "--guidance-scale", "3.0", "--truncation-rate", "0.9",
-                 "--images-per-prompt", "2", "--seed", "5", "--batch-size", "3", "--rows-per-file", "5"])
+                 "--images-per-prompt", "2", "--seed", "5", "--batch-size", "3", "--rows-per-file", "5",
+                 "--json-progress"])
     assert code == 0
-    printed = capsys.readouterr()
-    assert "done: 12 images (8 ok, 4 failed)" in printed.out and "12/12 images (100%)" in printed.err
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # one JSON object per line
+    progress, summary = records[:-1], records[-1]
+    assert progress and all(record["event"] == "progress" and record["images_total"] == 12 for record in progress)
+    assert progress[-1]["images_done"] == 12 and progress[-1]["errors"] == 4
+    assert [record["images_done"] for record in progress] == sorted(record["images_done"] for record in progress)
+    assert summary["event"] == "done" and (summary["images"], summary["ok"], summary["errors"]) == (12, 8, 4)
+    assert summary["report_command"] == f"vqbatch report {output}"
 
     location = OutputRoot(*resolve(str(output), S3Config()))
     metadata = read_metadata(location)

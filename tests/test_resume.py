@@ -91,7 +91,7 @@ def test_a_run_killed_mid_way_is_finished_by_resume_with_every_row_once(job_argu
     finally:
         ray.shutdown()
     assert code == 0
-    progress = capsys.readouterr().err
+    progress = capsys.readouterr().out
     assert f"/{PROMPTS - len(after_kill)} images" in progress  # the killed run's rows were adopted, not sampled again
 
     location = OutputRoot(*resolve(str(output), S3Config()))

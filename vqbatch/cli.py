@@ -142,6 +142,7 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-actors", type=int, help="fixed actor pool size (sets min and max)")
     parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else a new local Ray; "
                                               "'auto': a running cluster if any)")
+    add_progress_flags(parser)
     parser.add_argument("--allow-new-fingerprint", action="store_true",
                         help="when the model, sampling settings or sampler code differ from the dataset's latest "
                              "version: generate every row again as a new version (refused otherwise)")
@@ -157,13 +158,14 @@ def run_job_command(args: argparse.Namespace) -> int:
         config = load_job_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         return report_job_error(error)
-    return run_and_report(config, args.ray_address, args.allow_new_fingerprint)
+    return run_and_report(config, args, args.allow_new_fingerprint)
 
 
 def add_demo_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="run the whole engine on the bundled prompts and default model")
     parser.add_argument("--output", default="out/demo", help="output folder, replaced if it holds a dataset "
                                                              "(default out/demo)")
+    add_progress_flags(parser)
 
     def run(args: argparse.Namespace) -> int:
         from vqbatch.config import JobConfig
@@ -172,11 +174,7 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
         config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(DEFAULT_MODEL)},
                            sampling=DEFAULT_MODEL_SAMPLING, compute={"batch_size": 8},
                            output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
-        code = run_and_report(config, ray_address=None)
-        version = f"{args.output}/versions/v0001"
-        print(f"look at: {version}/images/ (PNG files), {version}/metadata/*.parquet (one row per image: id, "
-              f"prompt, seed, tokens, image path, status), {args.output}/manifest.json (the published files)")
-        return code
+        return run_and_report(config, args)
 
     parser.set_defaults(run=run)
 
@@ -188,49 +186,41 @@ DEFAULT_MODEL_SAMPLING = {"guidance_scale": 1.0, "sampler": "purity", "prior_wei
                           "timestep_spacing": "skip"}
 
 
-def run_and_report(config, ray_address: str | None, allow_new_fingerprint: bool = False) -> int:
+def run_and_report(config, args: argparse.Namespace, allow_new_fingerprint: bool = False) -> int:
+    """Run the job with its progress and summary on stdout and only vqbatch's messages on stderr (`console`)."""
+    from vqbatch.console import LIVE_SECONDS, ProgressPrinter, own_messages_only, progress_mode
     from vqbatch.engine import run_job
 
+    printer = ProgressPrinter(sys.stdout, progress_mode(args.quiet, args.json_progress, sys.stdout))
     try:
-        summary = run_job(config, on_progress=ProgressLine(), ray_address=ray_address,
-                          allow_new_fingerprint=allow_new_fingerprint)
+        with own_messages_only(args.verbose) as log_file:
+            summary = run_job(config, on_progress=printer, ray_address=getattr(args, "ray_address", None),
+                              allow_new_fingerprint=allow_new_fingerprint, progress_every=LIVE_SECONDS)
     except (ValueError, OSError) as error:  # what the user must fix: input, output, checkpoint, its location
         return report_job_error(error)
     if summary.version is None:
         print(f"nothing to add: {summary.output_uri} already holds every row of the input for this model, these "
               "sampling settings and this sampler version")
         return 0
-    print(file=sys.stderr)
-    rate = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"done: {summary.rows} images ({summary.ok} ok, {summary.errors} failed) in {summary.metadata_files} "
-          f"metadata files, {summary.seconds:.1f} s, {rate:.2f} images/s -> {summary.output_uri} "
-          f"(version {summary.version})")
+    printer.summary(summary, log_file)
     return 0
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    """How a run shows itself: progress (live, plain, JSON or none) and whether Ray's own lines are printed."""
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress lines; only the summary and errors")
+    shown.add_argument("--json-progress", action="store_true",
+                       help="progress as one JSON object per line on stdout, the summary as the last one "
+                            "(for schedulers and CI)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's and transformers' own messages (by default kept in a log file that "
+                             "the summary names)")
 
 
 def report_job_error(error: Exception) -> int:
     print(f"vqbatch: {error}", file=sys.stderr)
     return 2
-
-
-class ProgressLine:
-    """Images done, images per second and ETA on one line of stderr, redrawn in place on a terminal."""
-
-    def __init__(self):
-        self.redraw = sys.stderr.isatty()
-
-    def __call__(self, progress) -> None:
-        eta = progress.eta_seconds
-        line = (f"{progress.images_done}/{progress.images_total} images "
-                f"({100 * progress.images_done / progress.images_total:.0f}%), "
-                f"{progress.images_per_second:.2f} images/s, ETA {'?' if eta is None else format_seconds(eta)}")
-        print(("\r" + line) if self.redraw else line, end="" if self.redraw else "\n", file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 # ---------------------------------------------------------------- rerun and verify (proof of stored rows)

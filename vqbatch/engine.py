@@ -18,13 +18,16 @@ model loads (`open_input`, `prepare_output`, `vqbatch.preflight.check_checkpoint
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -32,12 +35,14 @@ import ray.data
 from vqbatch.batch_size import probe_batch_size
 from vqbatch.config import ComputeConfig, InputConfig, JobConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
-from vqbatch.io.dataset import check_output, prepare_output, sampled_table, write_shard
+from vqbatch.io.dataset import OutputRoot, check_output, prepare_output, sampled_table, write_shard
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
+from vqbatch.io.run_stats import run_stats, write_run_stats
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
 from vqbatch.preflight import check_checkpoint
 from vqbatch.sampler import build_model, sample_rows
 
+LOG = logging.getLogger("vqbatch")  # what the driver tells the user; the CLI prints it (Ray's own lines go elsewhere)
 SHARD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64())])
 
 
@@ -52,10 +57,26 @@ class SampleBatches:
     and a batch that runs out of memory is sampled in smaller chunks (`vqbatch.faults`).
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, ledger: ray.actor.ActorHandle):
+        self.ledger = ledger
+        context = ray.get_runtime_context()
+        self.actor = context.get_actor_id()
+        if context.was_current_actor_reconstructed:  # Ray restarted this actor after its process died
+            ledger.actor_restarted.remote()
         self.sampler = ResilientSampler(functools.partial(sample_rows, build_model(config.model, config.sampling)))
 
     def __call__(self, rows: pa.Table) -> pa.Table:
+        batch = batch_key(rows)
+        attempt = ray.get(self.ledger.begin.remote(batch))
+        if attempt > MAX_BATCH_ATTEMPTS:
+            raise RuntimeError(f"the batch starting at row {batch!r} was started {attempt - 1} times and every "
+                               "actor that sampled it died; failing the job instead of killing more actors")
+        sampled = self.sample_batch(rows)
+        errors = sampled.num_rows - (pc.sum(pc.equal(sampled.column("status"), "ok")).as_py() or 0)
+        self.ledger.end.remote(batch, self.actor, time.time(), sampled.num_rows, errors)
+        return sampled
+
+    def sample_batch(self, rows: pa.Table) -> pa.Table:
         statuses, errors, prompts, seeds = (rows.column(name).to_pylist()
                                             for name in ("status", "error", "prompt", "seed"))
         ok = [position for position, status in enumerate(statuses) if status == "ok"]
@@ -71,15 +92,61 @@ class SampleBatches:
         return sampled_table(rows, tokens, pixels, truncated)
 
 
+MAX_BATCH_ATTEMPTS = 4  # a batch is sampled at most this often: its first try and 3 more after actors died on it
+
+
+def batch_key(rows: pa.Table) -> str:
+    """The batch's first (id, image_index) key: a retried batch is the same block, so it has the same key."""
+    return f"{rows.column('id')[0].as_py()}\x00{rows.column('image_index')[0].as_py()}"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class BatchLedger:
+    """What the sampling actors did, told by the actors themselves: each batch's attempts (so a batch that kills
+    every actor it lands on fails the job instead of looping), each batch's rows and errors when it ends (live
+    progress; a retried batch counts once), and how often Ray restarted an actor whose process died."""
+
+    def __init__(self):
+        self.attempts: dict[str, int] = {}
+        self.ended: dict[str, tuple[str, float, int, int]] = {}  # batch -> (actor, end time, rows, errors)
+        self.restarted = 0
+        self.rows, self.errors = 0, 0  # of the batches in `ended`
+
+    def actor_restarted(self) -> None:
+        self.restarted += 1
+
+    def begin(self, batch: str) -> int:
+        """The attempt this is: 1 the first time `batch` is sampled."""
+        self.attempts[batch] = self.attempts.get(batch, 0) + 1
+        return self.attempts[batch]
+
+    def end(self, batch: str, actor: str, ended: float, rows: int, errors: int) -> None:
+        if batch not in self.ended:
+            self.rows, self.errors = self.rows + rows, self.errors + errors
+        self.ended[batch] = (actor, ended, rows, errors)
+
+    def totals(self) -> tuple[int, int]:
+        """(rows, error rows) of every batch sampled so far."""
+        return self.rows, self.errors
+
+    def restarts(self) -> int:
+        return self.restarted
+
+    def timeline(self) -> list[tuple[str, float, int, int]]:
+        """(actor, end time, rows, errors) of every batch, in end order."""
+        return sorted(self.ended.values(), key=lambda entry: entry[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Progress:
-    images_done: int
-    images_total: int
-    seconds: float
+    images_done: int  # images sampled (ok or error); after each metadata file, the images written so far
+    images_total: int  # images this run samples
+    seconds: float  # since sampling started (Ray up, output ready)
+    errors: int = 0  # error rows among images_done
 
     @property
     def images_per_second(self) -> float:
@@ -101,16 +168,21 @@ class JobSummary:
     seconds: float
     manifest: dict | None  # the published manifest; None when nothing was added
     version: int | None = None  # the version this run published; None when nothing was added
+    actor_restarts: int = 0  # sampling actors whose process died and was started again
 
 
 def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
-            ray_address: str | None = None, allow_new_fingerprint: bool = False) -> JobSummary:
+            ray_address: str | None = None, allow_new_fingerprint: bool = False,
+            progress_every: float | None = None) -> JobSummary:
     """Check the input, the output and the checkpoint against the sampling settings, then sample the rows the output lacks on Ray and publish them
     as a new version of the dataset (see `vqbatch.io.versions`).
 
     `output.mode`: `error` needs an empty output, `overwrite` replaces the dataset (cleared only once Ray is up and
     the actor pool fits), `refresh` adds to it and finishes a killed run. A refresh under a changed generation
     fingerprint is a ValueError unless `allow_new_fingerprint`. Ray is not started when there is nothing to sample.
+
+    `on_progress` is called after each metadata file is written and, with `progress_every`, also every that many
+    seconds with the images the actors have sampled so far.
     """
     inputs = open_input(config.input, config.s3)
     check_checkpoint(config.model, config.sampling, config.s3)
@@ -118,41 +190,91 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
     plan = plan_version(config, inputs, allow_new_fingerprint)
     if not plan.pending and not plan.staged:
         return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
-    started = time.monotonic()
+    started, restarts = time.monotonic(), 0
     if plan.pending:
-        sample_version(config, inputs, plan, on_progress, ray_address)
+        restarts = sample_version(config, inputs, plan, ProgressReport(plan.pending, on_progress, progress_every),
+                                  ray_address)
     else:  # a killed run wrote every row: publish its files
         start_version(plan)
     manifest = publish_version(plan, inputs.uris, config)
     added = manifest["versions"][-1]
     return JobSummary(config.output.uri, added["rows_added"], added["rows_ok"], added["rows_failed"],
-                      len(added["metadata_files"]), time.monotonic() - started, manifest, plan.version)
+                      len(added["metadata_files"]), time.monotonic() - started, manifest, plan.version, restarts)
 
 
 def refresh(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
-            ray_address: str | None = None, allow_new_fingerprint: bool = False) -> JobSummary:
+            ray_address: str | None = None, allow_new_fingerprint: bool = False,
+            progress_every: float | None = None) -> JobSummary:
     """`run_job` in `output.mode=refresh`: add the rows the output lacks for this fingerprint as a new version."""
     refreshing = config.model_copy(update={"output": config.output.model_copy(update={"mode": "refresh"})})
-    return run_job(refreshing, on_progress, ray_address, allow_new_fingerprint)
+    return run_job(refreshing, on_progress, ray_address, allow_new_fingerprint, progress_every)
 
 
-def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan,
-                   on_progress: Callable[[Progress], None] | None, ray_address: str | None) -> None:
-    """Start Ray, ready the output and the version's folder, and write the pending rows' files into it."""
+def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan, report: "ProgressReport",
+                   ray_address: str | None) -> int:
+    """Start Ray, ready the output and the version's folder, and write the pending rows' files into it; record how
+    the actors went (`vqbatch.io.run_stats`) and return how many times an actor was restarted."""
     connect_ray(ray_address)
     num_gpus, pool = actor_pool(config.compute)
     config = resolve_batch_size(config, num_gpus)
     prepare_output(config.output, config.s3)
     start_version(plan)
-    started, images_done = time.monotonic(), 0
-    for shard in build_dataset(config, inputs, num_gpus, pool, plan).iter_rows():
-        images_done += shard["rows"]
-        if on_progress:
-            on_progress(Progress(images_done, plan.pending, time.monotonic() - started))
+    ledger = BatchLedger.remote()
+    started = time.time()
+    with report.ticking(ledger):
+        for shard in build_dataset(config, inputs, num_gpus, pool, plan, ledger).iter_rows():
+            report.file_written(shard["rows"], shard["errors"])
+    restarts, timeline = ray.get([ledger.restarts.remote(), ledger.timeline.remote()])
+    write_run_stats(OutputRoot.of(config.output, config.s3), plan.folder, run_stats(started, timeline, restarts))
+    ray.kill(ledger)
+    return restarts
 
 
-def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
-                  pool: ray.data.ActorPoolStrategy, plan: VersionPlan) -> ray.data.Dataset:
+class ProgressReport:
+    """Calls `on_progress` after each written file and, with `every`, from a thread every `every` seconds; images
+    done are the most of the written ones and those the ledger counts sampled, so they never go back."""
+
+    def __init__(self, total: int, on_progress: Callable[[Progress], None] | None, every: float | None):
+        self.total, self.on_progress, self.every = total, on_progress, every
+        self.started = time.monotonic()
+        self.written, self.sampled = (0, 0), (0, 0)  # (images, error images)
+        self.lock = threading.Lock()
+
+    def file_written(self, rows: int, errors: int) -> None:
+        with self.lock:
+            self.written = (self.written[0] + rows, self.written[1] + errors)
+            self.tell()
+
+    def tell(self) -> None:
+        if self.on_progress:
+            done, errors = max(self.written, self.sampled)
+            self.on_progress(Progress(done, self.total, time.monotonic() - self.started, errors))
+
+    @contextmanager
+    def ticking(self, ledger: ray.actor.ActorHandle) -> Iterator[None]:
+        self.started = time.monotonic()
+        stop = threading.Event()
+        ticker = threading.Thread(target=self.tick, args=(ledger, stop), daemon=True)
+        if self.on_progress and self.every:
+            ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if ticker.is_alive():
+                ticker.join()
+
+    def tick(self, ledger: ray.actor.ActorHandle, stop: threading.Event) -> None:
+        while not stop.wait(self.every):
+            sampled = tuple(ray.get(ledger.totals.remote()))
+            with self.lock:
+                if not stop.is_set():
+                    self.sampled = max(self.sampled, sampled)
+                    self.tell()
+
+
+def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float, pool: ray.data.ActorPoolStrategy,
+                  plan: VersionPlan, ledger: ray.actor.ActorHandle) -> ray.data.Dataset:
     """The lazy Ray Data chain; executing it writes every image and metadata file and yields one row per file."""
     configure_data_context(ray.data.DataContext.get_current())
     return (
@@ -165,12 +287,11 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
         # comes at the end, and the block's pixels pile up in the actor. Ray Data runs it inside the read task only
         # while the read keeps Ray's default task options (see the faults below).
         .repartition(target_num_rows_per_block=config.compute.batch_size)
-        .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config), compute=pool,
+        .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config, ledger=ledger), compute=pool,
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
-                     num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor, **ACTOR_FAULT_TOLERANCE)
+                     num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
         .map_batches(write_shard_rows, fn_kwargs=dict(config=config, folder=plan.folder),
-                     batch_size=config.output.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS,
-                     **WRITE_FAULT_TOLERANCE)
+                     batch_size=config.output.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS)
     )
 
 
@@ -178,22 +299,28 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float,
 # uploads, and actors that sample on GPUs (or the no-op model) leave their own CPUs idle for writers to use.
 WRITE_TASK_CPUS = 0.5
 
-# Faults while running, set deliberately rather than left to Ray's defaults:
-# - An actor process that dies (killed, segfault, node lost) is restarted without limit (`max_restarts=-1`): a long
-#   job on preemptible nodes loses many. The batch it was sampling is retried on a live actor up to
-#   `max_task_retries` times; a batch that kills every actor it lands on then fails the job instead of looping.
+# Faults while running, set deliberately rather than left to chance:
+# - An actor process that dies (killed, segfault, node lost) is restarted without limit (Ray Data's actor pool
+#   default, `max_restarts=-1`): a long job on preemptible nodes loses many. The batch it was sampling is retried on
+#   a live actor; `BatchLedger` counts each batch's attempts, and a batch that killed the actors of
+#   `MAX_BATCH_ATTEMPTS` tries fails the job instead of looping. (The per-call Ray options that bounded retries
+#   are deprecated since Ray 2.60.) Ray logs that such an actor's constructor arguments sit in the object store
+#   (ray-project/ray#53727): Ray Data itself puts the operator's function and context there (#57733); they are
+#   owned by this driver, so a restart finds them while the job runs (tests/test_faults.py kills an actor and
+#   checks it was restarted).
 # - Errors the actor raises are not retried (`actor_task_retry_on_errors=False`): `ResilientSampler` already turned
 #   the row-level and out-of-memory ones into error rows or smaller batches, so what is left is not transient.
 # - Reads and writes go through pyarrow's S3 client, which retries transient S3 errors with exponential backoff
-#   (`filesystems.s3_filesystem`). A write task that still fails with an `OSError` runs again (same file names, so
-#   a rerun overwrites rather than duplicates). Read tasks keep Ray's default options, with no retry of their own:
-#   any task option on the read stops Ray Data from fusing the repartition into it, and the repartition then runs
-#   as separate one-CPU tasks that, with the read, hold every CPU the actors leave, so no file is written before
-#   the whole input is read (measured: the first metadata file of a 1M-prompt job came after 100 s, not 15-20 s). A
-#   read that still fails fails the job, and `refresh` picks it up where it stopped.
+#   (`filesystems.s3_filesystem`). A write that still fails with an `OSError` is tried again in its task, up to
+#   `WRITE_ATTEMPTS` times (same file names, so a retry overwrites rather than duplicates). Read tasks keep Ray's
+#   default options, with no retry of their own: any task option on the read stops Ray Data from fusing the
+#   repartition into it, and the repartition then runs as separate one-CPU tasks that, with the read, hold every
+#   CPU the actors leave, so no file is written before the whole input is read (measured: the first metadata file
+#   of a 1M-prompt job came after 100 s, not 15-20 s). A read that still fails fails the job, and `refresh` picks
+#   it up where it stopped.
 # - No block may be dropped (`max_errored_blocks=0`): a row never vanishes silently; the job fails instead.
-ACTOR_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=3)
-WRITE_FAULT_TOLERANCE = dict(max_retries=3, retry_exceptions=[OSError])
+WRITE_ATTEMPTS = 4
+WRITE_RETRY_SECONDS = 1.0  # before the second try; doubled before each further one
 READ_BATCH_ROWS = 10_000  # input rows expanded at a time: a huge input file is never in memory whole
 
 
@@ -219,8 +346,19 @@ def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, 
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:
-    rows = [write_shard(sampled, config, folder)] if sampled.num_rows else []
+    rows = [write_shard_retrying(sampled, config, folder)] if sampled.num_rows else []
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+
+
+def write_shard_retrying(sampled: pa.Table, config: JobConfig, folder: str) -> dict:
+    """`write_shard`, tried again after an `OSError` (see the faults above); the last error is raised."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write_shard(sampled, config, folder)
+        except OSError:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            time.sleep(WRITE_RETRY_SECONDS * 2 ** (attempt - 1))
 
 
 def actor_pool(compute: ComputeConfig) -> tuple[float, ray.data.ActorPoolStrategy]:
@@ -230,8 +368,8 @@ def actor_pool(compute: ComputeConfig) -> tuple[float, ray.data.ActorPoolStrateg
     gpus_per_actor = compute.gpus_per_actor if compute.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if gpus_per_actor:
         if not gpus:
-            print(f"vqbatch: asking {gpus_per_actor} GPU per actor but the cluster has none yet; the job waits "
-                  "for GPU nodes (set compute.gpus_per_actor=0 to sample on CPU)", file=sys.stderr)
+            LOG.warning(f"asking {gpus_per_actor} GPU per actor but the cluster has none yet; the job waits for "
+                        "GPU nodes (set compute.gpus_per_actor=0 to sample on CPU)")
         default_size = max(1, int(gpus // gpus_per_actor))
     else:
         default_size = max(1, int((cpus - 1) // compute.cpus_per_actor))
@@ -248,7 +386,7 @@ def resolve_batch_size(config: JobConfig, num_gpus: float) -> JobConfig:
     probe = ray.remote(max_calls=1)(probe_batch_size)  # its worker then exits: the memory goes back to the actors
     probe = probe.options(num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
     batch_size = ray.get(probe.remote(config, build_model))
-    print(f"vqbatch: batch size {batch_size}, chosen from memory", file=sys.stderr)
+    LOG.info(f"batch size {batch_size}, chosen from memory")
     return config.model_copy(update={"compute": config.compute.model_copy(update={"batch_size": batch_size})})
 
 

@@ -26,9 +26,11 @@ class PipelineModel:
 
     def __init__(self, model: ModelConfig, sampling: SamplingConfig):
         import torch
+        import transformers
 
         from vqbatch.pipeline import VQDiffusionPipeline
 
+        transformers.utils.logging.disable_progress_bar()  # no one watches an actor's weight-loading bar
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
         self.pipe = VQDiffusionPipeline.from_pretrained(model.uri, torch_dtype=getattr(torch, model.dtype),
                                                         device=self.device)
