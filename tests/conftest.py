@@ -4,6 +4,8 @@ shared fixtures."""
 import os
 import socket
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -44,3 +46,36 @@ def s3_endpoint(monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     yield
     server.stop()
+
+
+SMALL_DATASET_OK = 11  # rows of `small_dataset` with an image; two more are error rows
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """The output folder of a small dataset the engine generated on a fresh local Ray with the tiny model (png):
+    11 ok rows, one with an id and a prompt that HTML and file names must escape, and 2 error rows."""
+    import ray
+
+    from vqbatch.config import load_job_config
+    from vqbatch.engine import run_job
+    from vqbatch.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("small-dataset")
+    model = write_tiny_checkpoint(root / "tiny", seed=0)
+    ids = [f"p{i}" for i in range(10)] + ["odd/id <&>", "blank", "null"]
+    prompts = [f"a small red circle number {i}" for i in range(10)] + ['a <b>red</b> circle & "friends"', "  ", None]
+    pq.write_table(pa.table({"id": ids, "prompt": pa.array(prompts, pa.string())}), root / "in.parquet")
+    config = load_job_config(None, {"input.paths": str(root / "in.parquet"), "model.uri": str(model),
+                                    "output.uri": str(root / "out"), "sampling.steps": 2, "compute.batch_size": 4,
+                                    "output.rows_per_file": 5, "compute.gpus_per_actor": 0})
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    try:
+        assert run_job(config).ok == SMALL_DATASET_OK
+    finally:
+        if started_here:
+            ray.shutdown()
+    return root / "out"

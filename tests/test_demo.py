@@ -23,7 +23,9 @@ def fresh_ray():
 def test_demo_writes_a_dataset_whose_images_follow_their_prompts(tmp_path, fresh_ray, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--output", str(output)]) == 0
-    assert f"see the images with their prompts: vqbatch report {output}" in capsys.readouterr().out
+    last_lines = capsys.readouterr().out.splitlines()[-2:]  # the summary, then the log file
+    assert last_lines[0] == f"see the images with their prompts: open {output / 'report' / 'report.html'}"
+    assert (output / "report" / "report.html").read_text().count('<figure class="sample"') == BUNDLED_PROMPTS
     manifest = read_manifest(OutputRoot(*resolve(str(output), S3Config())))
     assert len(manifest["versions"]) == 1
     report = evaluate_dataset(str(output))

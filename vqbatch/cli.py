@@ -174,7 +174,7 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
         config = JobConfig(input={"paths": [str(EXAMPLE_PROMPTS)]}, model={"uri": str(DEFAULT_MODEL)},
                            sampling=DEFAULT_MODEL_SAMPLING, compute={"batch_size": 8},
                            output={"uri": args.output, "rows_per_file": 16, "mode": "overwrite"})
-        return run_and_report(config, args)
+        return run_and_report(config, args, with_report=True)  # the summary's last line: the page to open
 
     parser.set_defaults(run=run)
 
@@ -186,8 +186,10 @@ DEFAULT_MODEL_SAMPLING = {"guidance_scale": 1.0, "sampler": "purity", "prior_wei
                           "timestep_spacing": "skip"}
 
 
-def run_and_report(config, args: argparse.Namespace, allow_new_fingerprint: bool = False) -> int:
-    """Run the job with its progress and summary on stdout and only vqbatch's messages on stderr (`console`)."""
+def run_and_report(config, args: argparse.Namespace, allow_new_fingerprint: bool = False,
+                   with_report: bool = False) -> int:
+    """Run the job with its progress and summary on stdout and only vqbatch's messages on stderr (`console`);
+    with `with_report`, also the dataset's report, whose page the summary then names."""
     from vqbatch.console import LIVE_SECONDS, ProgressPrinter, own_messages_only, progress_mode
     from vqbatch.engine import run_job
 
@@ -202,7 +204,12 @@ def run_and_report(config, args: argparse.Namespace, allow_new_fingerprint: bool
         print(f"nothing to add: {summary.output_uri} already holds every row of the input for this model, these "
               "sampling settings and this sampler version")
         return 0
-    printer.summary(summary, log_file)
+    report = None
+    if with_report:
+        from vqbatch.report import write_report
+
+        report = write_report(summary.output_uri, s3=config.s3).html.resolve()
+    printer.summary(summary, log_file, report)
     return 0
 
 
@@ -295,13 +302,85 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------- seeing a dataset: report, inspect, decode
+
+def add_report_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("report", help="a self-contained report.html and contact_sheet.png: sampled "
+                                                "images with their prompts, versions, errors, speed")
+    parser.add_argument("output", metavar="OUTPUT", help="the dataset's output folder or s3:// prefix")
+    parser.add_argument("--sample", type=int, default=48, metavar="N", help="images shown (default 48; all if fewer)")
+    parser.add_argument("--to", metavar="DIR", help="folder for the report (default: OUTPUT/report, or ./report "
+                                                    "for an s3:// OUTPUT)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of images (default 0)")
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.report import write_report
+
+        try:
+            files = write_report(args.output, args.to, sample=args.sample, seed=args.seed)
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        print(f"open {files.html.resolve()} ({files.images} images with their prompts; contact sheet: "
+              f"{files.contact_sheet.resolve()})")
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+def add_inspect_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("inspect", help="summarise a dataset in the terminal (versions, rows, errors by "
+                                                 "kind, parameters, size, formats) and show one row in full")
+    parser.add_argument("output", metavar="OUTPUT", help="the dataset's output folder or s3:// prefix")
+    parser.add_argument("--id", dest="row_id", metavar="ID", help="the row shown in full (default: the first)")
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.inspection import inspect_dataset
+
+        try:
+            print(inspect_dataset(args.output, args.row_id), end="")
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+def add_decode_command(commands: argparse._SubParsersAction) -> None:
+    from vqbatch.choices import IMAGE_FORMATS
+
+    parser = commands.add_parser("decode", help="re-render images of chosen ids from their stored tokens with the "
+                                                "dataset's model (no sampling)")
+    parser.add_argument("output", metavar="OUTPUT", help="the dataset's output folder or s3:// prefix")
+    parser.add_argument("--ids", nargs="+", required=True, metavar="ID", help="decode every image of these ids")
+    parser.add_argument("--to", required=True, metavar="DIR", help="folder for the image files")
+    parser.add_argument("--image-format", choices=IMAGE_FORMATS, help="file format (default: the dataset's)")
+    parser.add_argument("--size", type=int, metavar="S", help="pixels per side (default: the model's image size)")
+    add_threads_flag(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from vqbatch.inspection import decode_rows
+
+        try:
+            use_threads(args.threads)
+            written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size)
+        except (ValueError, FileNotFoundError) as error:
+            return report_job_error(error)
+        print(f"decoded {len(written)} image(s) from stored tokens into {args.to}")
+        return 0
+
+    parser.set_defaults(run=run)
+
+
 COMMANDS = [add_tiny_model_command, add_eval_command, add_train_command, add_generate_command, add_refresh_command,
-            add_demo_command,
-            add_rerun_command, add_verify_command]
+            add_demo_command, add_rerun_command, add_verify_command, add_report_command, add_inspect_command,
+            add_decode_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import vqbatch
+
     parser = argparse.ArgumentParser(prog="vqbatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vqbatch {vqbatch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in COMMANDS:
         add_command(commands)

@@ -59,21 +59,23 @@ class ProgressPrinter:
             return done != progress.images_done  # the last line once
         return progress.seconds - seconds >= PLAIN_SECONDS
 
-    def summary(self, summary, log_file: Path | None) -> None:
-        """The run's last lines: what it wrote, how long it took, and how to look at it."""
+    def summary(self, summary, log_file: Path | None, report: Path | None = None) -> None:
+        """The run's last lines: what it wrote, how long it took, and how to look at it: the `report` command, or
+        the report page itself when the run wrote one."""
         if self.drawn:
             self.write("\n")
-        record = summary_record(summary, log_file)
+        record = summary_record(summary, log_file, report)
         if self.mode == "json":
             self.write(json.dumps(record) + "\n")
             return
         restarts = summary.actor_restarts
+        look = f"open {report}" if report else record["report_command"]
         text = (f"done: {summary.rows} images ({summary.ok} ok, {summary.errors} failed) in "
                 f"{summary.metadata_files} metadata files, {format_seconds(summary.seconds)} "
                 f"({record['images_per_second']:.2f} images/s)"
                 f"{f', {restarts} actor restart(s)' if restarts else ''} -> {summary.output_uri} "
                 f"(version {summary.version})\n"
-                f"see the images with their prompts: {record['report_command']}\n")
+                f"see the images with their prompts: {look}\n")
         if log_file is not None:
             text += f"Ray's own messages: {log_file} (--verbose prints them here)\n"
         self.write(text)
@@ -97,13 +99,13 @@ def progress_record(progress) -> dict:
             "eta_seconds": None if eta is None else round(eta, 1), "seconds": round(progress.seconds, 1)}
 
 
-def summary_record(summary, log_file: Path | None) -> dict:
+def summary_record(summary, log_file: Path | None, report: Path | None = None) -> dict:
     rate = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
     return {"event": "done", "output": summary.output_uri, "version": summary.version, "images": summary.rows,
             "ok": summary.ok, "errors": summary.errors, "metadata_files": summary.metadata_files,
             "seconds": round(summary.seconds, 1), "images_per_second": round(rate, 3),
             "actor_restarts": summary.actor_restarts, "report_command": f"vqbatch report {summary.output_uri}",
-            "log_file": None if log_file is None else str(log_file)}
+            "report": None if report is None else str(report), "log_file": None if log_file is None else str(log_file)}
 
 
 def format_seconds(seconds: float) -> str:

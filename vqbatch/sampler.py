@@ -47,9 +47,13 @@ class PipelineModel:
                            timestep_spacing=self.sampling.timestep_spacing, sampler=self.sampling.sampler,
                            prior_weight=self.sampling.prior_weight, output_type="latent",
                            generator=[torch.Generator().manual_seed(seed) for seed in seeds])
-        # each image decoded alone: the decoder's rounding then does not depend on the batch it was sampled in
-        images = np.concatenate([self.pipe.decode_tokens(row[None], output_type="np") for row in output.tokens])
-        return output.tokens.cpu().numpy(), to_uint8(images)
+        return output.tokens.cpu().numpy(), self.decode(output.tokens)
+
+    def decode(self, tokens) -> np.ndarray:
+        """Pixels (N, H, W, 3) uint8 of tokens (N, P), each image decoded alone: the decoder's rounding then does not
+        depend on the batch it was sampled in (and `vqbatch decode` re-renders the stored images exactly)."""
+        images = np.concatenate([self.pipe.decode_tokens(row[None], output_type="np") for row in tokens])
+        return to_uint8(images)
 
     def prompt_truncated(self, prompts: list[str]) -> list[bool]:
         """Whether the sampler cuts each prompt: its tokens, start and end marks included, pass the tokenizer's limit

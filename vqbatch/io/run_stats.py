@@ -10,7 +10,6 @@ from files a killed run left (nothing sampled again) has none.
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 from datetime import datetime, timezone
 
@@ -19,13 +18,14 @@ from vqbatch.io.filesystems import exists, read_bytes, write_bytes_atomically
 
 RUN_STATS_NAME = "run.json"
 MAX_BINS = 60  # points per plotted line: the run's time cut into at most this many equal bins
+BATCHES_PER_BIN = 3  # at least this many batches per bin on average, so a rate is not one batch's spike
 
 
 def run_stats(started: float, timeline: list[tuple[str, float, int, int]], restarts: int) -> dict:
     """The run's stats from its batches' (actor id, end time, rows, errors), times in seconds since the epoch."""
     seconds = max([ended - started for _, ended, _, _ in timeline], default=0.0)
-    width = max(1, math.ceil(seconds / MAX_BINS))
-    bins = max(1, math.ceil(seconds / width))
+    bins = min(MAX_BINS, max(1, len(timeline) // BATCHES_PER_BIN))
+    width = max(seconds / bins, 1e-3)
     per_actor: dict[str, list[int]] = {}
     names: dict[str, str] = {}  # Ray's actor id -> "actor 1", "actor 2", ... in the order they first ended a batch
     for actor, ended, rows, _ in timeline:
@@ -33,7 +33,7 @@ def run_stats(started: float, timeline: list[tuple[str, float, int, int]], resta
         counts = per_actor.setdefault(name, [0] * bins)
         counts[min(bins - 1, int((ended - started) // width))] += rows
     return {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 3), "bin_seconds": width, "images_per_bin": per_actor,
+            "seconds": round(seconds, 3), "bin_seconds": round(width, 3), "images_per_bin": per_actor,
             "errors": sum(errors for _, _, _, errors in timeline), "actor_restarts": restarts}
 
 

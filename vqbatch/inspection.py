@@ -1,0 +1,167 @@
+"""`vqbatch inspect` and `vqbatch decode`: a published dataset summarised in the terminal, one row in full, and
+images re-rendered from stored tokens.
+
+    inspect   versions (time, fingerprint, parameters), rows, errors by kind, size on disk, formats; then one row
+              in full with the command that reruns it
+    decode    the stored tokens of chosen ids -> the dataset's model's VQ decoder -> image files (nothing sampled
+              again); for png the files hold the stored images' pixels exactly
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import shlex
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from PIL import Image
+
+from vqbatch.choices import IMAGE_FORMATS, check_choice
+from vqbatch.config import ModelConfig, S3Config
+from vqbatch.io.images import EXTENSIONS, encode_image
+from vqbatch.proof import StoredDataset, rows_with_ids
+from vqbatch.report import model_text, settings_text
+
+ERROR_KINDS_SHOWN = 10
+TOKENS_SHOWN = 16  # first tokens printed of a row's token list
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------------------
+
+def inspect_dataset(output_uri: str, row_id: str | None = None, s3: S3Config | None = None) -> str:
+    """The terminal summary of the dataset at `output_uri`, then row `row_id` (default: the first row) in full."""
+    dataset = StoredDataset.open(output_uri, s3 or S3Config())
+    metadata, manifest = dataset.metadata, dataset.manifest
+    statuses = Counter(metadata.column("status").to_pylist())
+    lines = [f"dataset   {output_uri} ({manifest.get('format')}, published {manifest['created']})",
+             f"formats   {formats_text(metadata)}",
+             f"rows      {metadata.num_rows} ({statuses.get('ok', 0)} ok, {statuses.get('error', 0)} errors) in "
+             f"{len(manifest['metadata_files'])} metadata files",
+             f"on disk   {size_text(dataset)}", "versions"]
+    for entry in manifest["versions"]:
+        parts = entry["fingerprint_parts"]
+        lines += [f"  v{entry['version']}  {entry['created']}  fingerprint {entry['fingerprint']}  "
+                  f"{entry['rows_added']} rows added ({entry['rows_ok']} ok, {entry['rows_failed']} failed)",
+                  f"      model     {model_text(parts['model'])}",
+                  f"      sampling  {settings_text(parts['sampling'])}",
+                  f"      encoding  {settings_text(parts['encoding'])}"]
+    kinds = error_kinds(metadata)
+    lines.append("errors by kind" + ("" if kinds else ": none"))
+    lines += [f"  {count:>6}  {kind}" for kind, count in kinds.most_common(ERROR_KINDS_SHOWN)]
+    return "\n".join(lines + row_lines(output_uri, chosen_row(metadata, row_id))) + "\n"
+
+
+def formats_text(metadata: pa.Table) -> str:
+    images = sorted(set(metadata.column("image_format").to_pylist()))
+    return f"image files ({', '.join(images)}) with Parquet metadata"
+
+
+def size_text(dataset: StoredDataset) -> str:
+    """Bytes under the output root, split into images, metadata and everything else."""
+    location = dataset.location
+    sizes: Counter = Counter()
+    for info in location.filesystem.get_file_info(pafs.FileSelector(location.root, recursive=True)):
+        if info.type == pafs.FileType.File:
+            relative = posixpath.relpath(info.path, location.root)
+            part = next((name for name in ("images", "metadata") if f"/{name}/" in f"/{relative}"), "other")
+            sizes[part] += info.size
+    total = sum(sizes.values())
+    return f"{readable(total)} (images {readable(sizes['images'])}, metadata {readable(sizes['metadata'])}, " \
+           f"other {readable(sizes['other'])})"
+
+
+def readable(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def error_kinds(metadata: pa.Table) -> Counter:
+    """Error rows counted by kind: the message before its first detail (parenthesis, colon or semicolon), with
+    numbers as N, so 'seed 7 is out of range' and 'seed 9 is out of range' are one kind."""
+    errors = metadata.filter(pc.field("status") == "error").column("error").to_pylist()
+    return Counter(re.sub(r"\d+", "N", re.split(r" \(|: |;", error or "no message")[0]) for error in errors)
+
+
+def chosen_row(metadata: pa.Table, row_id: str | None) -> dict:
+    if metadata.num_rows == 0:
+        raise ValueError("the dataset has no rows")
+    if row_id is None:
+        return metadata.slice(0, 1).to_pylist()[0]
+    return rows_with_ids(metadata, [row_id]).slice(0, 1).to_pylist()[0]
+
+
+def row_lines(output_uri: str, row: dict) -> list[str]:
+    lines = [f"row {row['id']!r}, image {row['image_index']}"]
+    for name, value in row.items():
+        if name == "tokens" and value is not None:
+            value = f"{len(value)} tokens: {value[:TOKENS_SHOWN]}{' ...' if len(value) > TOKENS_SHOWN else ''}"
+        lines.append(f"  {name:<17} {value}")
+    lines.append(f"rerun it: vqbatch rerun --output {shlex.quote(output_uri)} --ids {shlex.quote(row['id'])}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------------------------
+
+def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: str | None = None,
+                size: int | None = None, s3: S3Config | None = None, device: str = "auto") -> list[Path]:
+    """Write the images of every ok row of `ids` into `to`, decoded from their stored tokens by the dataset's model;
+    `image_format` (default: each row's) and `size` (pixels per side; default: the model's) choose the files.
+    Error rows have no tokens and are skipped. Returns the files written."""
+    if image_format is not None:
+        check_choice("--image-format", image_format, IMAGE_FORMATS)
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    import torch
+    dataset = StoredDataset.open(output_uri, s3 or S3Config())
+    rows = rows_with_ids(dataset.metadata, ids).filter(pc.field("status") == "ok")
+    folder = Path(to)
+    folder.mkdir(parents=True, exist_ok=True)
+    quality = dataset.manifest["output"]["image_quality"]
+    written = []
+    for model_uri in sorted(set(rows.column("model").to_pylist())):
+        same_model = rows.filter(pc.field("model") == model_uri).to_pylist()
+        tokens = torch.as_tensor(np.array([row["tokens"] for row in same_model], np.int64))  # (N, P)
+        pixels = load_decoder(model_uri, dataset.manifest["model"]["dtype"], device).decode(tokens)
+        for row, image in zip(same_model, pixels):
+            chosen = image_format or row["image_format"]
+            path = folder / f"{file_stem(row['id'])}_{row['image_index']}.{EXTENSIONS[chosen]}"
+            path.write_bytes(encode_image(resized(image, size), chosen, quality))
+            written.append(path)
+    return written
+
+
+def load_decoder(model_uri: str, dtype: str, device: str):
+    """The engine's own model class: its `decode` is the code that made the stored images."""
+    from vqbatch.sampler import PipelineModel
+
+    return PipelineModel(ModelConfig(uri=model_uri, dtype=dtype, device=device), sampling=None)
+
+
+def resized(pixels: np.ndarray, size: int | None) -> np.ndarray:  # (H, W, 3) uint8
+    if size is None or size == pixels.shape[0] == pixels.shape[1]:
+        return pixels
+    image = Image.fromarray(pixels)
+    resample = Image.NEAREST if size >= max(image.size) else Image.LANCZOS  # enlarged pixels stay sharp squares
+    return np.asarray(image.resize((size, size), resample))
+
+
+def file_stem(row_id: str) -> str:
+    """The id itself when it is a safe file name; else its safe characters and 8 hex digits of its digest."""
+    safe = SAFE_NAME.sub("_", row_id)[:80]
+    if safe == row_id and row_id not in (".", ".."):
+        return row_id
+    return f"{safe}-{hashlib.blake2b(row_id.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
