@@ -90,3 +90,23 @@ def test_quiet_prints_only_the_summary():
     printer(progress(4, 2.0))
     printer.summary(JobSummary("out", 10, 10, 0, 1, 5.0, {}, 1), None)
     assert stream.getvalue().startswith("done: 10 images (10 ok, 0 failed)")
+
+
+def test_dry_run_says_what_would_run_without_ray_or_writing(tmp_path, capsys):
+    import ray
+
+    from vqbatch.cli import main
+
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "prompt": ["a red circle"] * 6}),
+                   tmp_path / "in.parquet")
+    model = write_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    output = tmp_path / "out"
+    assert main(["generate", "--input", str(tmp_path / "in.parquet"), "--output", str(output), "--model", str(model),
+                 "--limit", "4", "--images-per-prompt", "2", "--steps", "3", "--batch-size", "5", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "dry run: nothing sampled, written or started"
+    assert printed[1].startswith("input        1 file(s), 4 prompts (--limit 4), 8 images: ")
+    assert printed[3] == "pending      8 images to sample (0 already held)"
+    assert printed[4].startswith("fingerprint  ") and "steps=3" in printed[4]
+    assert "per actor" in printed[5] and printed[6] == "batch size   5"
+    assert not output.exists() and not ray.is_initialized()

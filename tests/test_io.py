@@ -271,3 +271,16 @@ def test_s3_input_and_output_through_pyarrow_and_boto3(s3_endpoint, tmp_path):
     keys = [item["Key"] for item in s3.list_objects_v2(Bucket="vqb", Prefix="dataset/")["Contents"]]
     assert "dataset/_SUCCESS" in keys and sum(key.startswith("dataset/images/") for key in keys) == 4
     assert read_metadata(OutputRoot.of(config.output, config.s3)).num_rows == 6
+
+
+def test_a_limit_reads_only_the_first_prompts_in_file_order(tmp_path):
+    for name, ids in (("a", ["1", "2", "3"]), ("b", ["4", "5", "6"]), ("c", ["7", "7", "8"])):  # c repeats an id
+        write_prompts(tmp_path / "in" / f"{name}.parquet", id=ids, prompt=["p"] * 3)
+    inputs = open_input(InputConfig(paths=[str(tmp_path / "in")], limit=5), NO_S3)  # c is never read: no error
+    assert [os.path.basename(path) for path in inputs.paths] == ["a.parquet", "b.parquet"]
+    assert inputs.num_rows == 5 and inputs.file_rows == (3, 2)
+    read = [row_id for path in inputs.paths for batch in inputs.batches(path, ["id"], batch_rows=2)
+            for row_id in batch.column("id").to_pylist()]
+    assert read == ["1", "2", "3", "4", "5"]
+    with pytest.raises(ValueError, match="input.limit: value 0 is not allowed"):
+        load_job_config(None, {"input.paths": "x.parquet", "model.uri": "m", "output.uri": "o", "input.limit": 0})

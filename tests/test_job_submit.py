@@ -1,6 +1,7 @@
 """`ray job submit` of jobs/generate.py against a real `ray start --head` (with its job server) on loopback."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,30 @@ def test_ray_job_submit_runs_generate_to_completion(ray_head, tmp_path):
     keys = sorted(zip(metadata.column("id").to_pylist(), metadata.column("image_index").to_pylist()))
     assert keys == sorted((f"r{i}", k) for i in range(6) for k in range(2))
     assert all((output / path).is_file() for path in metadata.column("image").to_pylist() if path)
+
+
+def readme_cluster_commands() -> list[str]:
+    """The README's cluster guide, one command per entry (continuation lines joined, comments dropped)."""
+    guide = (REPO / "README.md").read_text().split("## Run on a cluster")[1].split("```bash\n")[1].split("```")[0]
+    joined = guide.replace("\\\n", " ")
+    return [" ".join(line.split("#")[0].split()) for line in joined.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readme_cluster_guide_runs_on_one_machine_with_the_local_job_config(ray_head, tmp_path):
+    """`ray start --head` (the fixture) then the README's `ray job submit ... --config infra/job-local.yaml` as
+    written (the output moved into this test's folder), then its `vqbatch report` line."""
+    address, env = ray_head
+    commands = readme_cluster_commands()
+    submit = next(command for command in commands if "infra/job-local.yaml" in command)
+    report = next(command for command in commands if command.startswith("vqbatch report"))
+    local_output = yaml.safe_load((REPO / "infra" / "job-local.yaml").read_text())["output"]["uri"]
+    output = tmp_path / "local-job"
+    argv = shlex.split(submit.replace("http://127.0.0.1:8265", address)) + ["--output", str(output)]
+    result = subprocess.run([RAY, *argv[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "succeeded" in result.stdout and "done: 44 images (44 ok, 0 failed)" in result.stdout
+    report_argv = shlex.split(report.replace(local_output, str(output)))
+    shown = subprocess.run([str(Path(sys.executable).with_name("vqbatch")), *report_argv[1:]], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert (output / "report" / "report.html").read_text().count('<figure class="sample"') == 44

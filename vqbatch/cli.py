@@ -54,6 +54,7 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--model", "model.uri", str, "checkpoint folder, s3:// URI, hub id, or 'noop' (no model: data-plane runs)"),
     ("--prompt-column", "input.prompt_column", str, "prompt column (default prompt)"),
     ("--id-column", "input.id_column", str, "id column (default id)"),
+    ("--limit", "input.limit", int, "only the first N prompts, in file order (to try a config; default: all)"),
     ("--steps", "sampling.steps", int, "reverse-diffusion steps (default 100)"),
     ("--guidance-scale", "sampling.guidance_scale", float, "classifier-free guidance scale (default 5.0)"),
     ("--truncation-rate", "sampling.truncation_rate", float, "truncation rate in (0, 1] (default 1.0)"),
@@ -140,6 +141,9 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{text}; one of {', '.join(choices)}" if choices else text,
                             action="append" if key == "input.paths" else None, choices=choices)
     parser.add_argument("--num-actors", type=int, help="fixed actor pool size (sets min and max)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (inputs, rows pending, "
+                                                               "fingerprint, resources, batch size) and stop: no Ray, "
+                                                               "no model loaded, nothing written")
     parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else a new local Ray; "
                                               "'auto': a running cluster if any)")
     add_progress_flags(parser)
@@ -158,7 +162,35 @@ def run_job_command(args: argparse.Namespace) -> int:
         config = load_job_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         return report_job_error(error)
+    if args.dry_run:
+        return print_dry_run(config, args.allow_new_fingerprint)
     return run_and_report(config, args, args.allow_new_fingerprint)
+
+
+def print_dry_run(config, allow_new_fingerprint: bool) -> int:
+    from vqbatch.engine import check_job
+
+    try:
+        inputs, plan = check_job(config, allow_new_fingerprint)
+    except (ValueError, OSError) as error:
+        return report_job_error(error)
+    compute, images = config.compute, inputs.num_rows * config.sampling.images_per_prompt
+    limit = f" (--limit {config.input.limit})" if config.input.limit else ""
+    pool = f"{compute.min_actors}-{compute.max_actors}" if compute.max_actors else \
+        f"at least {compute.min_actors}, at most one per GPU (or every CPU but one)"
+    gpus = "1 if the cluster has GPUs, else 0" if compute.gpus_per_actor is None else f"{compute.gpus_per_actor:g}"
+    print(f"dry run: nothing sampled, written or started\n"
+          f"input        {len(inputs.paths)} file(s), {inputs.num_rows} prompts{limit}, {images} images: "
+          f"{', '.join(inputs.uris)}\n"
+          f"output       {config.output.uri} (mode {config.output.mode}) -> version {plan.version}\n"
+          f"pending      {plan.pending} images to sample ({images - plan.pending} already held"
+          f"{f', {len(plan.staged)} staged file(s) to publish' if plan.staged else ''})\n"
+          f"fingerprint  {plan.fingerprint.digest} ({config.model.uri}, {config.model.dtype}; "
+          f"{', '.join(f'{k}={v}' for k, v in plan.fingerprint.parts['sampling'].items())})\n"
+          f"resources    actors: {pool}; per actor {gpus} GPU, {compute.cpus_per_actor:g} CPU\n"
+          f"batch size   {compute.batch_size}"
+          f"{' (measured from memory before the job starts)' if compute.batch_size == 'auto' else ''}")
+    return 0
 
 
 def add_demo_command(commands: argparse._SubParsersAction) -> None:

@@ -55,6 +55,7 @@ class InputConfig(Section):
     prompt_column: str = "prompt"
     id_column: str = "id"  # string or integer ids; written as strings
     seed_column: str = "seed"  # used when the input has it (integers in [0, 2**63)); otherwise seeds are derived
+    limit: int | None = Field(None, ge=1)  # only the first N prompts, in file order (to try a config); None: all
 
     @field_validator("paths", mode="before")
     @classmethod

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -184,10 +183,7 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
     `on_progress` is called after each metadata file is written and, with `progress_every`, also every that many
     seconds with the images the actors have sampled so far.
     """
-    inputs = open_input(config.input, config.s3)
-    check_checkpoint(config.model, config.sampling, config.s3)
-    check_output(config.output, config.s3)
-    plan = plan_version(config, inputs, allow_new_fingerprint)
+    inputs, plan = check_job(config, allow_new_fingerprint)
     if not plan.pending and not plan.staged:
         return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
     started, restarts = time.monotonic(), 0
@@ -200,6 +196,15 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
     added = manifest["versions"][-1]
     return JobSummary(config.output.uri, added["rows_added"], added["rows_ok"], added["rows_failed"],
                       len(added["metadata_files"]), time.monotonic() - started, manifest, plan.version, restarts)
+
+
+def check_job(config: JobConfig, allow_new_fingerprint: bool = False) -> tuple[InputFiles, VersionPlan]:
+    """Every check a job makes before Ray starts (input, checkpoint, output, fingerprint), and what it would write;
+    nothing is written. `vqbatch generate --dry-run` prints it."""
+    inputs = open_input(config.input, config.s3)
+    check_checkpoint(config.model, config.sampling, config.s3)
+    check_output(config.output, config.s3)
+    return inputs, plan_version(config, inputs, allow_new_fingerprint)
 
 
 def refresh(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
@@ -321,7 +326,6 @@ WRITE_TASK_CPUS = 0.5
 # - No block may be dropped (`max_errored_blocks=0`): a row never vanishes silently; the job fails instead.
 WRITE_ATTEMPTS = 4
 WRITE_RETRY_SECONDS = 1.0  # before the second try; doubled before each further one
-READ_BATCH_ROWS = 10_000  # input rows expanded at a time: a huge input file is never in memory whole
 
 
 def configure_data_context(context: ray.data.DataContext) -> None:
@@ -332,7 +336,7 @@ def configure_data_context(context: ray.data.DataContext) -> None:
 
 def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, sampling: SamplingConfig,
                       done: pa.Array) -> Iterator[pa.Table]:
-    """The image rows of each input file in `files` (a `path` column), `READ_BATCH_ROWS` input rows at a time:
+    """The image rows of each input file in `files` (a `path` column), a batch of input rows at a time:
     `expand_rows`, less the rows whose key is in `done` (held or staged already; `versions.key_strings`).
 
     The engine reads the files itself rather than through `ray.data.read_parquet`: `open_input` has already listed
@@ -340,9 +344,8 @@ def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, 
     seconds per job and hold a whole input in one long-lived task.
     """
     for path in files.column("path").to_pylist():
-        with inputs.filesystem.open_input_file(path) as stream:
-            for batch in pq.ParquetFile(stream).iter_batches(READ_BATCH_ROWS, columns=inputs.columns(config)):
-                yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done)
+        for batch in inputs.batches(path, inputs.columns(config)):
+            yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done)
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vqbatch.config import JobConfig, OutputConfig, S3Config
+from vqbatch.io.card import write_dataset_card
 from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically, write_files_atomically
 from vqbatch.io.images import encode_image, image_path
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
@@ -184,7 +185,8 @@ def remove(filesystem: pafs.FileSystem, path: str) -> None:
 
 def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], config: JobConfig,
             versions: list[dict] | None = None) -> dict:
-    """Write the manifest, then the `_SUCCESS` marker: the dataset is visible to readers from here on.
+    """Write the manifest and the dataset card (`vqbatch.io.card`), then the `_SUCCESS` marker: the dataset is
+    visible to readers from here on.
 
     `shards` are the files readers see; `versions` is the history of versions (see `vqbatch.io.versions`).
     """
@@ -203,6 +205,7 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
     }
     write_bytes_atomically(location.filesystem, location.path(MANIFEST_NAME),
                            json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
+    write_dataset_card(location, manifest, METADATA_SCHEMA)
     write_bytes_atomically(location.filesystem, location.path(SUCCESS_NAME), b"")
     return manifest
 

@@ -36,6 +36,7 @@ from vqbatch.io.filesystems import is_s3, list_files, resolve, to_uri
 from vqbatch.seeds import SEED_LIMIT, image_seed
 
 GLOB_CHARACTERS = "*?["
+BATCH_ROWS = 10_000  # input rows read at a time: a huge input file is never in memory whole
 DUPLICATES_SHOWN = 5  # duplicate ids named in the job error
 NULLS_SHOWN = 5  # row numbers per file named in the null-id job error
 INVISIBLE_CATEGORIES = ("Cc", "Cf")  # Unicode control and format characters (NUL, BEL, zero-width space, RTL mark)
@@ -59,6 +60,7 @@ class InputFiles:
     paths: tuple[str, ...]
     num_rows: int
     has_seed_column: bool
+    file_rows: tuple[int, ...]  # rows read from each file: all of them, or fewer in the file `input.limit` ends in
 
     @property
     def uris(self) -> list[str]:
@@ -67,25 +69,52 @@ class InputFiles:
     def columns(self, config: InputConfig) -> list[str]:
         return [config.id_column, config.prompt_column] + ([config.seed_column] if self.has_seed_column else [])
 
+    def batches(self, path: str, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """The rows the job reads from the file at `path` (its first `file_rows`), `batch_rows` at a time."""
+        left = self.file_rows[self.paths.index(path)]
+        with self.filesystem.open_input_file(path) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(batch_rows, columns=columns):
+                if left <= 0:
+                    return
+                yield batch.slice(0, left)
+                left -= batch.num_rows
+
 
 def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
     """Find every input file and check that each one can be read and has the columns the job needs."""
     filesystem, paths = find_parquet_files(config.paths, s3)
-    schemas, num_rows = {}, 0
+    schemas, file_rows = {}, []
     for path in paths:
         schemas[path], rows = read_footer(filesystem, path)
-        num_rows += rows
+        file_rows.append(rows)
+    paths, file_rows = first_rows(paths, file_rows, config.limit)
+    num_rows = sum(file_rows)
     for path, schema in schemas.items():
         check_columns(schema, config, to_uri(filesystem, path))
     check_id_kinds_agree(schemas, config, filesystem)
     if num_rows == 0:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
-    inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem))
+    inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem),
+                        tuple(file_rows))
     id_hashes, null_rows = read_ids(inputs, config)
     check_ids_present(null_rows, config, filesystem)
     check_ids_unique(id_hashes, inputs, config)
     return inputs
+
+
+def first_rows(paths: list[str], file_rows: list[int], limit: int | None) -> tuple[list[str], list[int]]:
+    """The files and row counts that hold the first `limit` rows (all with no limit; empty files kept)."""
+    if limit is None:
+        return paths, file_rows
+    kept_paths, kept_rows, left = [], [], limit
+    for path, rows in zip(paths, file_rows):
+        if left == 0:
+            break
+        kept_paths.append(path)
+        kept_rows.append(min(rows, left))
+        left -= kept_rows[-1]
+    return kept_paths, kept_rows
 
 
 def find_parquet_files(patterns: tuple[str, ...], s3: S3Config) -> tuple[pafs.FileSystem, list[str]]:
@@ -152,8 +181,7 @@ def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[np.ndarray, dict[
 def job_column_batches(inputs: InputFiles, config: InputConfig, path: str) -> Iterator[pa.RecordBatch]:
     """The job's columns of one input file, batch by batch, or a ValueError naming the file it cannot read."""
     try:
-        with inputs.filesystem.open_input_file(path) as stream:
-            yield from pq.ParquetFile(stream).iter_batches(columns=inputs.columns(config))
+        yield from inputs.batches(path, inputs.columns(config))
     except (pa.ArrowException, OSError) as error:
         raise ValueError(f"cannot read input file {to_uri(inputs.filesystem, path)} as Parquet ({error}); "
                          "replace or remove it") from None

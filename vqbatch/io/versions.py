@@ -234,10 +234,8 @@ def count_pending(inputs: InputFiles, config: JobConfig, done: pa.Array) -> int:
     and none read when nothing is done (every row expands to `images_per_prompt` keys)."""
     if len(done) == 0:
         return inputs.num_rows * config.sampling.images_per_prompt
-    return sum(drop_done(expand_rows(pq.read_table(path, filesystem=inputs.filesystem,
-                                                   columns=inputs.columns(config.input)),
-                                     config.input, config.sampling), done).num_rows
-               for path in inputs.paths)
+    return sum(drop_done(expand_rows(pa.Table.from_batches([batch]), config.input, config.sampling), done).num_rows
+               for path in inputs.paths for batch in inputs.batches(path, inputs.columns(config.input)))
 
 
 def drop_done(rows: pa.Table, done: pa.Array) -> pa.Table:

@@ -1,0 +1,41 @@
+"""The dataset card: `README.md` at the output root that `datasets` and `huggingface_hub` read as a dataset card."""
+
+import copy
+import json
+
+import datasets
+import yaml
+from huggingface_hub import DatasetCard
+
+from conftest import SMALL_DATASET_OK
+from vqbatch.io.card import CARD_NAME, card_text
+from vqbatch.io.dataset import METADATA_SCHEMA
+
+
+def test_each_publish_writes_a_card_that_datasets_loads(small_dataset):
+    card = DatasetCard.load(small_dataset / CARD_NAME)
+    manifest = json.loads((small_dataset / "manifest.json").read_text())
+    files = [shard["file"] for shard in manifest["metadata_files"]]
+    assert card.data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
+    assert "text-to-image" in card.data.task_categories
+    rows = datasets.load_dataset(str(small_dataset), split="train")
+    assert rows.num_rows == SMALL_DATASET_OK + 2 and rows.column_names == METADATA_SCHEMA.names
+    assert rows.features["tokens"] == datasets.List(datasets.Value("int32"))
+    assert rows.features["seed"] == datasets.Value("int64")
+    text = card.text
+    assert f"`{manifest['model']['uri']}` ({manifest['model']['dtype']})" in text and "`steps=2`" in text
+    assert f"{SMALL_DATASET_OK} with an image and 2 error rows" in text
+    assert "torch.Generator().manual_seed(seed)" in text and "load_dataset(" in text
+
+
+def test_the_card_lists_every_version_and_only_the_published_files(small_dataset):
+    manifest = json.loads((small_dataset / "manifest.json").read_text())
+    second = copy.deepcopy(manifest["versions"][0])
+    second.update(version=2, fingerprint="0123456789abcdef", rows_added=3)
+    manifest["versions"].append(second)
+    manifest["metadata_files"] = manifest["metadata_files"][:1]
+    text = card_text(manifest, METADATA_SCHEMA)
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["configs"][0]["data_files"][0]["path"] == [manifest["metadata_files"][0]["file"]]
+    assert "| 2 |" in text and "`0123456789abcdef` | 3 |" in text
+    assert [feature["name"] for feature in header["dataset_info"]["features"]] == METADATA_SCHEMA.names

@@ -1,0 +1,104 @@
+"""The dataset card: `README.md` at the output root, in the Hugging Face dataset-card form, rewritten at each publish.
+
+    ---                               YAML header: what `datasets.load_dataset(<output>)` and the Hub read
+    pretty_name, task_categories, tags
+    configs: default -> the published metadata files (the manifest's), one `train` split
+    dataset_info: features            one per metadata column, typed as the Parquet files are
+    ---
+    prose                             the model, the parameters, the counts per version, the seed contract, how
+                                      to load the dataset
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import yaml
+
+from vqbatch.io.filesystems import write_bytes_atomically
+
+CARD_NAME = "README.md"
+ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
+               pa.bool_(): "bool"}
+
+
+def hf_feature(field: pa.Field) -> dict:
+    """One `dataset_info.features` entry: {"name", "dtype"}, or {"name", "list"} for a list column."""
+    if pa.types.is_list(field.type):
+        return {"name": field.name, "list": ARROW_TO_HF[field.type.value_type]}
+    return {"name": field.name, "dtype": ARROW_TO_HF[field.type]}
+
+
+def card_header(manifest: dict, schema: pa.Schema) -> dict:
+    return {
+        "pretty_name": "vqbatch synthetic images",
+        "task_categories": ["text-to-image"],
+        "tags": ["synthetic", "vq-diffusion", "vqbatch"],
+        "configs": [{"config_name": "default", "data_files": [
+            {"split": "train", "path": [shard["file"] for shard in manifest["metadata_files"]]}]}],
+        "dataset_info": {"features": [hf_feature(field) for field in schema],
+                         "splits": [{"name": "train", "num_examples": manifest["rows"]}]},
+    }
+
+
+def card_text(manifest: dict, schema: pa.Schema) -> str:
+    header = yaml.safe_dump(card_header(manifest, schema), sort_keys=False, allow_unicode=True)
+    model, sampling, output = manifest["model"], manifest["sampling"], manifest["output"]
+    versions = "\n".join(
+        f"| {entry['version']} | {entry['created']} | `{entry['fingerprint']}` | {entry['rows_added']} | "
+        f"{entry['rows_ok']} | {entry['rows_failed']} |" for entry in manifest["versions"]) or "| - | - | - | - | - | - |"
+    parameters = ", ".join(f"`{name}={value}`" for name, value in sampling.items())
+    return f"""---
+{header}---
+
+# vqbatch synthetic images
+
+Text-to-image samples of **VQ-Diffusion** written by vqbatch: {manifest['rows']} rows,
+{manifest['ok']} with an image and {manifest['errors']} error rows (each with the reason in `error`).
+
+## Model and parameters
+
+- Model: `{model['uri']}` ({model['dtype']})
+- Sampling: {parameters}
+- Images: {output['image_format']} (quality {output['image_quality']} for jpeg/webp), under `versions/vNNNN/images/`
+
+## Versions
+
+| version | created | fingerprint | rows added | ok | failed |
+| --- | --- | --- | --- | --- | --- |
+{versions}
+
+The published rows are the metadata files listed in `manifest.json` (and in this card's `configs`); a row's key is
+(`id`, `image_index`). `manifest.json` also holds every version's full generation fingerprint.
+
+## Seeds: every image can be made again
+
+An image's seed is its row's `seed` column. It was sampled with `torch.Generator().manual_seed(seed)` alone, so
+`VQDiffusionPipeline(...)(prompt, generator=torch.Generator().manual_seed(seed), <the parameters above>)` returns
+its `tokens` again; `vqbatch rerun --output <this folder> --ids <id>` and `vqbatch verify` do it for you, and
+`vqbatch decode <this folder> --ids <id> --to DIR` re-renders the image from the stored tokens.
+
+## Load it
+
+```python
+from datasets import load_dataset
+
+rows = load_dataset("<this folder>", split="train")   # one row per image: id, prompt, seed, tokens, image, ...
+# `image` is a path relative to this folder (null on error rows)
+```
+
+```python
+import pyarrow.parquet as pq, json
+
+manifest = json.load(open("<this folder>/manifest.json"))
+table = pq.read_table(["<this folder>/" + shard["file"] for shard in manifest["metadata_files"]])
+```
+
+Look at it: `vqbatch report <this folder>` writes `report/report.html` (sampled images with their prompts,
+versions, errors, speed); `vqbatch inspect <this folder>` prints a summary.
+"""
+
+
+def write_dataset_card(location, manifest: dict, schema: pa.Schema) -> None:
+    """Write `README.md` at the output root for the published `manifest` (metadata columns `schema`)."""
+    write_bytes_atomically(location.filesystem, location.path(CARD_NAME),
+                           card_text(manifest, schema).encode("utf-8"))
