@@ -216,9 +216,41 @@ def test_shipped_default_model_is_small_half_precision_and_follows_prompts():
     pipe.to(dtype=torch.float32)
     prompts = evaluation_prompts(12, 0)
     reference = generate_and_score(pipe, prompts, num_inference_steps=100, guidance_scale=1.0)["one_object"]
-    purity = generate_and_score(pipe, prompts, num_inference_steps=25, guidance_scale=1.0, timestep_spacing="skip",
-                                sampler="purity", prior_weight=1.0)["one_object"]
+    purity = generate_and_score(pipe, prompts, **demo_call_arguments())["one_object"]  # the demo's setting
     assert reference["n"] == purity["n"] == 12
     for report, floors in ((reference, REFERENCE_FLOOR), (purity, PURITY_FLOOR)):
         for attribute, floor in floors.items():
             assert report[attribute] >= floor, report
+
+
+def demo_call_arguments(**changes) -> dict:
+    """The pipeline arguments of the demo's sampling setting (`vqbatch.cli.DEFAULT_MODEL_SAMPLING`), with `changes`."""
+    from vqbatch.cli import DEFAULT_MODEL_SAMPLING
+    from vqbatch.config import SamplingConfig
+
+    sampling = SamplingConfig(**DEFAULT_MODEL_SAMPLING)
+    return {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+            "truncation_rate": sampling.truncation_rate, "timestep_spacing": sampling.timestep_spacing,
+            "sampler": sampling.sampler, "prior_weight": sampling.prior_weight, **changes}
+
+
+def test_guidance_is_live_on_the_shipped_model():
+    """Its learned "no prompt" embeddings were trained (they start at zero) and guiding the demo's setting changes
+    the images of the same seeds, while a rerun of either reproduces its own."""
+    pipe = VQDiffusionPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
+    assert pipe.learned_classifier_free_sampling_embeddings.embeddings.abs().max().item() > 0.01
+    prompts = ["a small red circle at the top left on a white background",
+               "a large blue square in the center on a black background",
+               "a small yellow triangle at the top right and a large green circle at the bottom left on a white "
+               "background", "a large purple square at the bottom right on a white background"]
+
+    def tokens(guidance_scale: float) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+        return pipe(prompts, generator=generators, output_type="latent",
+                    **demo_call_arguments(guidance_scale=guidance_scale)).tokens  # (B, P)
+
+    unguided, guided = tokens(1.0), tokens(3.0)
+    assert torch.equal(guided, tokens(3.0)) and torch.equal(unguided, tokens(1.0))
+    changed = (guided != unguided).any(dim=1)  # (B,) images whose tokens guidance changed
+    assert bool(changed.all()), changed
+    assert (guided != unguided).float().mean().item() > 0.05  # not a token or two: the distribution moved
