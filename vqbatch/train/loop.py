@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
     head_dim: int = Field(32, ge=4)
     num_timesteps: int = Field(100, ge=2)
     # Twice the first recipe's 3000: with drop_rate 0.2 the "no prompt" branch sees 4x the samples it saw (38,400
-    # instead of 9,600) and the prompted branch 1.8x; about 80 minutes of steps on a quiet 2-core CPU, VQ-VAE included
+    # instead of 9,600) and the prompted branch 1.8x; an estimated 80-95 minutes on the 2-core CPU, VQ-VAE included
     diffusion_steps: int = Field(6000, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
