@@ -7,6 +7,7 @@ Defaults per `--config` keep the small runs to minutes on a 2-core CPU; see docs
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -38,11 +39,22 @@ def integers(text: str) -> tuple[int, ...]:
 
 
 def numbers(text: str) -> tuple[float, ...]:
-    """"1,2.5" -> (1.0, 2.5)."""
+    """"1,2.5" -> (1.0, 2.5); finite numbers only."""
     try:
-        return tuple(float(part) for part in text.split(","))
+        values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5; got {text!r}") from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers such as 1,3,5; got {text!r}")
+    return values
+
+
+def rates(text: str) -> tuple[float, ...]:
+    """"1,0.86" -> (1.0, 0.86); each a truncation rate, in (0, 1]."""
+    values = numbers(text)
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected truncation rates in (0, 1] such as 1,0.86; got {text!r}")
+    return values
 
 
 def names(allowed: tuple[str, ...]):
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps over the whole chain, comma-separated (default 100,25)")
     quality.add_argument("--guidance-scales", type=numbers, default=(1.0, 2.0, 3.0, 5.0),
                          help="comma-separated (default 1,2,3,5)")
-    quality.add_argument("--truncation-rates", type=numbers, default=(1.0, 0.86),
+    quality.add_argument("--truncation-rates", type=rates, default=(1.0, 0.86),
                          help="comma-separated, each in (0, 1] (default 1,0.86)")
     quality.add_argument("--prior-weight", type=float, default=1.0, help="the purity sampler's prior_weight")
     quality.add_argument("--batch", type=int, default=50, help="images per pipeline call")

@@ -156,7 +156,9 @@ def test_quality_benchmark_scores_every_setting_and_reads_the_grid_against_the_t
 
 
 @pytest.mark.parametrize("flag, value, message", [("--samplers", "reference,fast", "'fast' not allowed"),
-                                                  ("--guidance-scales", "1,x", "comma-separated numbers"),
+                                                  ("--guidance-scales", "1,x", "comma-separated finite numbers"),
+                                                  ("--guidance-scales", "1,inf", "comma-separated finite numbers"),
+                                                  ("--truncation-rates", "1,1.5", "truncation rates in (0, 1]"),
                                                   ("--step-counts", "0", "positive integers")])
 def test_quality_benchmark_refuses_a_bad_grid(flag, value, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
