@@ -193,6 +193,22 @@ def test_train_command_writes_a_checkpoint(tmp_path, capsys):
     assert pipe.transformer.dtype == torch.float16
 
 
+def test_train_command_takes_the_guidance_recipe_flags_and_refuses_bad_ones(tmp_path, capsys):
+    from vqbatch.cli import main
+
+    assert main(["train", "--output", str(tmp_path / "cli"), "--smoke", "--vq-steps", "1", "--diffusion-steps", "1",
+                 "--drop-rate", "0.35", "--timestep-sampling", "uniform"]) == 0
+    saved = torch.load(tmp_path / "cli" / STATE_NAME, weights_only=False)["config"]
+    assert saved["drop_rate"] == 0.35 and saved["timestep_sampling"] == "uniform"
+    capsys.readouterr()
+    for flag, value, message in [("--drop-rate", "1.5", "drop_rate"), ("--timestep-sampling", "random", "choose from")]:
+        with pytest.raises(SystemExit):
+            main(["train", "--output", str(tmp_path / "bad"), "--smoke", flag, value])
+        error = capsys.readouterr().err
+        assert message in error and value in error
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- the shipped default model
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "vqbatch" / "data" / "default-model"

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vqbatch.choices import COMPILE_MODES, DTYPES, IMAGE_FORMATS, SAMPLERS, TIMESTEP_SPACINGS, TRAIN_DTYPES
+from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, SAMPLERS, TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS,
+                             TRAIN_DTYPES)
 
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
@@ -88,6 +89,10 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run whose train state is in --output")
     parser.add_argument("--vq-steps", type=int, help="VQ-VAE training steps (default: the config's)")
     parser.add_argument("--diffusion-steps", type=int, help="diffusion training steps (default: the config's)")
+    parser.add_argument("--drop-rate", type=float, help="share of samples trained with the learned 'no prompt' "
+                                                        "embeddings, in [0, 1) (default: the config's, 0.2)")
+    parser.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
+                        help="how each sample's timestep is drawn (default: the config's, importance)")
     parser.add_argument("--smoke", action="store_true", help="a tiny config that trains in a minute (for tests)")
     parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="float32", help="weights written")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a shared machine)")
@@ -97,11 +102,16 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
 
         from vqbatch.train.loop import SMOKE_CONFIG, TrainConfig, train
 
+        from pydantic import ValidationError
+
         settings = {**(SMOKE_CONFIG if args.smoke else {}), "seed": args.seed}
-        settings.update({k: v for k, v in (("vq_steps", args.vq_steps), ("diffusion_steps", args.diffusion_steps))
-                         if v is not None})
-        train(args.output, TrainConfig(**settings), resume=args.resume, dtype=getattr(torch, args.dtype),
-              threads=args.threads)
+        flags = ("vq_steps", "diffusion_steps", "drop_rate", "timestep_sampling")
+        settings.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+        try:
+            config = TrainConfig(**settings)
+        except ValidationError as error:  # before any data is drawn or model built
+            parser.error(f"invalid training settings: {error}")
+        train(args.output, config, resume=args.resume, dtype=getattr(torch, args.dtype), threads=args.threads)
         return 0
 
     parser.set_defaults(run=run)
