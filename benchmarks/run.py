@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vqbatch.choices import COMPILE_MODES, SAMPLERS
+from vqbatch.choices import COMPILE_MODES, OUTPUT_FORMATS, SAMPLERS
 
 # Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {
@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     dataplane.add_argument("--rows", type=integers, default=(10_000, 100_000, 1_000_000),
                            help="prompt counts, comma-separated (default 10000,100000,1000000)")
     dataplane.add_argument("--batch", type=int, default=1000, help="rows per actor call")
-    dataplane.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file")
+    dataplane.add_argument("--rows-per-file", type=int, default=10_000, help="rows per shard (metadata file, tar)")
+    dataplane.add_argument("--output-format", choices=OUTPUT_FORMATS, default="files",
+                           help="output.format of the jobs (default files)")
+    dataplane.add_argument("--refresh", type=int, default=0, metavar="N",
+                           help="then refresh the largest dataset with N new prompts, measured (default: no refresh)")
     quality = benchmarks.add_parser("quality", help="samplers x steps x truncation x guidance -> prompt adherence, "
                                                     "specks and images/s")
     add_common(quality, sizes=False)
@@ -192,7 +196,8 @@ def run_engine(args: argparse.Namespace):
 def run_dataplane(args: argparse.Namespace):
     from benchmarks import dataplane
 
-    settings = dataplane.Settings(row_counts=args.rows, batch=args.batch, rows_per_file=args.rows_per_file)
+    settings = dataplane.Settings(row_counts=args.rows, batch=args.batch, rows_per_file=args.rows_per_file,
+                                  output_format=args.output_format, refresh_rows=args.refresh)
     return dataplane.run(settings), "dataplane"
 
 

@@ -106,10 +106,16 @@ def test_dataplane_prompt_files_are_sharded_and_distinct(tmp_path):
     assert [table.num_rows for table in tables] == [10_000, 10_000, 5_000]
     prompts = [prompt for table in tables for prompt in table.column("prompt").to_pylist()]
     assert len(set(prompts)) == 25_000
-    settings = dataplane.Settings(row_counts=(25_000,), batch=100, rows_per_file=1000)
+    settings = dataplane.Settings(row_counts=(25_000,), batch=100, rows_per_file=1000, output_format="webdataset",
+                                  refresh_rows=5)
     config = dataplane.job_config(settings, folder, tmp_path / "out")
     assert config == validate_job_config(config.model_dump(mode="json"))
-    assert config.model.uri == "noop"
+    assert config.model.uri == "noop" and config.output.format == "webdataset"
+    added = dataplane.write_prompt_files(tmp_path / "added", 5, first=25_000)  # what a refresh adds: new ids
+    new_ids = pq.read_table(added).column("id").to_pylist()
+    assert len(new_ids) == 5 and not set(new_ids) & {i for table in tables for i in table.column("id").to_pylist()}
+    refresh = dataplane.job_config(settings, [folder, added], tmp_path / "out", mode="refresh")
+    assert refresh.output.mode == "refresh" and len(refresh.input.paths) == 2
 
 
 def test_peak_memory_sees_the_driver_and_its_children():

@@ -235,7 +235,7 @@ def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
             stored = decode_image((tmp_path / "out" / row["image"]).read_bytes())
             np.testing.assert_array_equal(stored, image)
     names = sorted(os.listdir(tmp_path / "out"))
-    assert names == sorted([IMAGES_DIR, "metadata", MANIFEST_NAME, SUCCESS_NAME])  # no temporary files left
+    assert names == sorted([IMAGES_DIR, shard["file"], MANIFEST_NAME, SUCCESS_NAME])  # no temporary files left
     assert not [name for _, _, files in os.walk(tmp_path / "out") for name in files if name.endswith(".tmp")]
 
 

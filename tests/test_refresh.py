@@ -13,6 +13,7 @@ from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import refresh, run_job
 from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata, sampled_table, write_shard
 from vqbatch.io.filesystems import resolve
+from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import expand_rows, open_input
 from vqbatch.io import versions
 from vqbatch.io.versions import (FINGERPRINT_NAME, drop_done, generation_fingerprint, key_strings, plan_version,
@@ -120,13 +121,13 @@ def test_staged_files_are_adopted_deduplicated_and_published_without_sampling(tm
     write_shard(sampled.slice(0, 2), config, plan.folder)  # keys a, b
     write_shard(sampled.slice(1, 2), config, plan.folder)  # keys b, c: b again, as from a retried writer
     folder = tmp_path / "out" / plan.folder
-    (folder / "metadata" / ".part-x.parquet.0123.tmp").write_bytes(b"half a file")
+    (folder / ".part-x.parquet.0123.tmp").write_bytes(b"half a file")
 
     summary = refresh(config)  # every key is staged: nothing to sample, so Ray is not needed
     assert (summary.rows, summary.version) == (3, 1)
     keys, _ = keys_of(tmp_path / "out")
     assert sorted(keys) == [("a", 0), ("b", 0), ("c", 0)]
-    assert sorted(path.name for path in (folder / "metadata").iterdir()) == \
+    assert sorted(path.name for path in folder.glob("*part-*")) == \
         sorted(shard["file"].rsplit("/", 1)[1] for shard in summary.manifest["metadata_files"])
     assert json.loads((folder / FINGERPRINT_NAME).read_text())["fingerprint"] == generation_fingerprint(config).digest
 
@@ -143,7 +144,7 @@ def test_a_stale_stage_of_another_fingerprint_is_discarded(tmp_path):
     new_plan = plan_version(new, open_input(new.input, new.s3))
     assert (new_plan.version, new_plan.pending, new_plan.staged) == (1, 1, ())  # the stale file is not adopted
     start_version(new_plan)
-    assert not (tmp_path / "out" / plan.folder / "metadata").exists()
+    assert not list((tmp_path / "out" / plan.folder).glob("part-*"))
 
 
 @pytest.mark.parametrize("colliding_hashes", [False, True])
@@ -173,6 +174,6 @@ def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatc
 def test_drop_done_compares_whole_keys_even_when_ids_hold_nul():
     rows = pa.table({"id": ["a\x001", "a", "a", "b"], "image_index": pa.array([0, 10, 1, 1], pa.int32())})
     done = key_strings(pa.table({"id": ["a", "b"], "image_index": pa.array([10, 0], pa.int32())}))
-    assert drop_done(rows, done).to_pylist() == [{"id": "a\x001", "image_index": 0}, {"id": "a", "image_index": 1},
+    assert drop_done(rows, HeldBuckets.of(done)).to_pylist() == [{"id": "a\x001", "image_index": 0}, {"id": "a", "image_index": 1},
                                                  {"id": "b", "image_index": 1}]
-    assert drop_done(rows, pa.array([], pa.string())) is rows
+    assert drop_done(rows, HeldBuckets.of(pa.array([], pa.string()))) is rows

@@ -1,6 +1,6 @@
-"""Crash and resume: `vqbatch generate` killed with SIGKILL mid-run (driver, its local Ray and its actors), then
-`generate --resume`: every row exactly once, every image present, no temporary file left, the killed run's files
-adopted rather than sampled again."""
+"""Crash and resume, for each output format: `vqbatch generate` killed with SIGKILL mid-run (driver, its local Ray and
+its actors), then `generate --resume`: every row exactly once, every image present and decodable, no temporary file
+or half-written shard left, the killed run's files adopted rather than sampled again."""
 
 import os
 import signal
@@ -16,8 +16,10 @@ import ray
 
 from vqbatch.cli import main
 from vqbatch.config import S3Config
-from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
+from vqbatch.io.dataset import OutputRoot, read_manifest
 from vqbatch.io.filesystems import resolve
+from vqbatch.io.images import decode_image
+from vqbatch.io.view import read_dataset
 from vqbatch.tiny import write_tiny_checkpoint
 
 PROMPTS = 40  # long enough that the kill lands before the last file, even on a quiet machine
@@ -25,14 +27,15 @@ FILES_BEFORE_KILL = 3  # metadata files the killed run must have written
 STARTUP_LIMIT_S = 300  # a loaded CI machine can take minutes to start Ray and the actor
 
 
-@pytest.fixture
-def job_arguments(tmp_path):
+@pytest.fixture(params=["files", "webdataset", "parquet"])
+def job_arguments(tmp_path, request):
     ids = [f"p{i}" for i in range(PROMPTS)]
     prompts = [f"a shape number {i} on a plain background" for i in range(PROMPTS)]
     pq.write_table(pa.table({"id": ids, "prompt": prompts}), tmp_path / "prompts.parquet")
     model = write_tiny_checkpoint(tmp_path / "tiny", seed=0)
     return ["--input", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"), "--model", str(model),
-            "--steps", "30", "--batch-size", "1", "--rows-per-file", "1", "--num-actors", "1"]
+            "--steps", "30", "--batch-size", "1", "--rows-per-file", "1", "--num-actors", "1",
+            "--output-format", request.param]
 
 
 def start_generate(arguments: list[str]) -> subprocess.Popen:
@@ -44,8 +47,9 @@ def start_generate(arguments: list[str]) -> subprocess.Popen:
 
 
 def staged_files(output) -> list[str]:
-    folder = output / "versions" / "v0001" / "metadata"
-    return sorted(name for name in os.listdir(folder) if not name.startswith(".")) if folder.is_dir() else []
+    """The version's complete shards: their metadata files (each written last, after its images or tar)."""
+    folder = output / "versions" / "v0001"
+    return sorted(path.name for path in folder.glob("part-*.parquet"))
 
 
 def wait_for_files(process: subprocess.Popen, output, count: int) -> list[str]:
@@ -94,13 +98,14 @@ def test_a_run_killed_mid_way_is_finished_by_resume_with_every_row_once(job_argu
     progress = capsys.readouterr().out
     assert f"/{PROMPTS - len(after_kill)} images" in progress  # the killed run's rows were adopted, not sampled again
 
-    location = OutputRoot(*resolve(str(output), S3Config()))
-    rows = read_metadata(location).to_pylist()
+    rows = read_dataset(str(output), images=True).to_pylist()
     keys = [(row["id"], row["image_index"]) for row in rows]
     assert sorted(keys) == sorted((f"p{i}", 0) for i in range(PROMPTS)), "every row exactly once"
-    assert all(row["status"] == "ok" and (output / row["image"]).is_file() for row in rows)
-    manifest = read_manifest(location)
+    assert all(row["status"] == "ok" and decode_image(row["image"]["bytes"]).shape == (32, 32, 3) for row in rows)
+    manifest = read_manifest(OutputRoot(*resolve(str(output), S3Config())))
     published = {shard["file"].rsplit("/", 1)[1] for shard in manifest["metadata_files"]}
     assert set(after_kill) <= published and [v["version"] for v in manifest["versions"]] == [1]
     leftovers = [name for _, _, names in os.walk(output) for name in names if name.endswith(".tmp")]
     assert not leftovers, leftovers
+    shards = {path.name for path in (output / "versions" / "v0001").glob("part-*")}  # every shard file published
+    assert shards == {path.rsplit("/", 1)[1] for path in {*manifest["data_files"], *published}}

@@ -22,6 +22,7 @@ _EXPORTS = {
     "LearnedClassifierFreeSamplingEmbeddings": "vqbatch.models.embeddings",
     "VQDiffusionPipeline": "vqbatch.pipeline",
     "ImagePipelineOutput": "vqbatch.pipeline",
+    "read_dataset": "vqbatch.io.view",
 }
 
 __all__ = sorted(_EXPORTS)

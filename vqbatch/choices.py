@@ -37,6 +37,9 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 DDPMTimestepSpacing = Literal["leading", "trailing", "linspace"]
+# How a dataset's rows are stored (vqbatch/io/formats.py): one image file per row next to metadata Parquet, tar shards
+# for WebDataset, or image bytes inside the Parquet files.
+OutputFormat = Literal["files", "webdataset", "parquet"]
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
@@ -52,6 +55,7 @@ BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 DDPM_TIMESTEP_SPACINGS: tuple[str, ...] = get_args(DDPMTimestepSpacing)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -78,7 +78,9 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
                                         "(default: not compiled)"),
     ("--image-format", "output.image_format", str, "image file format (default png)"),
     ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
-    ("--rows-per-file", "output.rows_per_file", int, "rows per metadata Parquet file (default 1000)"),
+    ("--rows-per-file", "output.rows_per_file", int, "rows per shard: metadata Parquet file, tar (default 1000)"),
+    ("--output-format", "output.format", str, "files (an image file per row), webdataset (tar shards) or parquet "
+                                              "(image bytes in the Parquet files) (default files)"),
 )
 
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from vqbatch.choices import CompileMode, Device, DType, ImageFormat, OutputMode, Sampler, TimestepSpacing
+from vqbatch.choices import CompileMode, Device, DType, ImageFormat, OutputFormat, OutputMode, Sampler, TimestepSpacing
 
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
 # Each image of a prompt is an output row sampled in the same read block; a larger count is taken for a typo (a job
@@ -56,6 +56,8 @@ class InputConfig(Section):
     id_column: str = "id"  # string or integer ids; written as strings
     seed_column: str = "seed"  # used when the input has it (integers in [0, 2**63)); otherwise seeds are derived
     limit: int | None = Field(None, ge=1)  # only the first N prompts, in file order (to try a config); None: all
+    # input columns copied into every output row of every format (img2dataset's save_additional_columns)
+    keep_columns: tuple[str, ...] = ()
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -68,6 +70,19 @@ class InputConfig(Section):
         if any(not str(path).strip() for path in value):
             raise ValueError("every input path must be a non-empty file, folder, glob or s3:// URI")
         return tuple(str(path) for path in value)
+
+    @field_validator("keep_columns", mode="before")
+    @classmethod
+    def one_column_is_a_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("keep_columns", mode="after")
+    @classmethod
+    def kept_columns_are_named_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated or any(not name.strip() for name in value):
+            raise ValueError(f"keep_columns must name each input column once, non-blank; got {list(value)!r}")
+        return value
 
 
 class ModelConfig(Section):
@@ -123,7 +138,11 @@ class OutputConfig(Section):
     uri: str = Field(min_length=1)  # local folder or s3://bucket/prefix
     image_format: ImageFormat = "png"
     image_quality: int = Field(95, ge=1, le=100)  # jpeg and webp only
-    rows_per_file: int = Field(1000, ge=1)  # rows per metadata Parquet file
+    rows_per_file: int = Field(1000, ge=1)  # rows per shard: a metadata Parquet file (and its tar for webdataset)
+    # files: one image file per row beside metadata Parquet; webdataset: tar shards; parquet: image bytes in Parquet
+    format: OutputFormat = "files"
+    # a local output on a cluster of more than one node must be a filesystem every node mounts; say so here
+    shared_filesystem: bool = False
     # what to do when the output already holds a dataset: refuse it, replace it, or add the rows it lacks as a new
     # version (`vqbatch refresh`, `generate --resume`; also finishes a killed run)
     mode: OutputMode = "error"

@@ -32,9 +32,12 @@ import ray
 import ray.data
 
 from vqbatch.batch_size import probe_batch_size
-from vqbatch.config import ComputeConfig, InputConfig, JobConfig, SamplingConfig
+from vqbatch.config import ComputeConfig, InputConfig, JobConfig, OutputConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
-from vqbatch.io.dataset import OutputRoot, check_output, prepare_output, sampled_table, write_shard
+from vqbatch.io.dataset import (OutputRoot, check_kept_columns, check_output, prepare_output, sampled_table,
+                                write_shard)
+from vqbatch.io.filesystems import is_s3
+from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.run_stats import run_stats, write_run_stats
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
@@ -201,6 +204,7 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
 def check_job(config: JobConfig, allow_new_fingerprint: bool = False) -> tuple[InputFiles, VersionPlan]:
     """Every check a job makes before Ray starts (input, checkpoint, output, fingerprint), and what it would write;
     nothing is written. `vqbatch generate --dry-run` prints it."""
+    check_kept_columns(config.input)
     inputs = open_input(config.input, config.s3)
     check_checkpoint(config.model, config.sampling, config.s3)
     check_output(config.output, config.s3)
@@ -220,6 +224,7 @@ def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan, rep
     """Start Ray, ready the output and the version's folder, and write the pending rows' files into it; record how
     the actors went (`vqbatch.io.run_stats`) and return how many times an actor was restarted."""
     connect_ray(ray_address)
+    check_output_reachable(config.output)
     num_gpus, pool = actor_pool(config.compute)
     config = resolve_batch_size(config, num_gpus)
     prepare_output(config.output, config.s3)
@@ -285,7 +290,7 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float, pool: 
     return (
         ray.data.from_items([{"path": path} for path in inputs.paths], override_num_blocks=len(inputs.paths))
         .map_batches(read_pending_rows, fn_kwargs=dict(inputs=inputs, config=config.input, sampling=config.sampling,
-                                                       done=plan.done),
+                                                       done=plan.done.map(ray.put)),
                      batch_format="pyarrow", batch_size=1)
         # One block per actor batch: without it an actor call takes a whole input block (a 10k-row file is one
         # block), and Ray Data hands its output on only when the call ends: no writing overlaps sampling, progress
@@ -335,9 +340,10 @@ def configure_data_context(context: ray.data.DataContext) -> None:
 
 
 def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, sampling: SamplingConfig,
-                      done: pa.Array) -> Iterator[pa.Table]:
+                      done: HeldBuckets) -> Iterator[pa.Table]:
     """The image rows of each input file in `files` (a `path` column), a batch of input rows at a time:
-    `expand_rows`, less the rows whose key is in `done` (held or staged already; `versions.key_strings`).
+    `expand_rows`, less the rows whose key is in `done` (held or staged already). `done`'s buckets are in Ray's
+    object store: the task fetches one at a time (`vqbatch.io.held`), never every held key.
 
     The engine reads the files itself rather than through `ray.data.read_parquet`: `open_input` has already listed
     and checked them, and Ray's listing task and its size-balanced buckets (every small file in one read task) cost
@@ -345,7 +351,7 @@ def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, 
     """
     for path in files.column("path").to_pylist():
         for batch in inputs.batches(path, inputs.columns(config)):
-            yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done)
+            yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done, ray.get)
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:
@@ -399,6 +405,15 @@ def check_cpu_left(compute: ComputeConfig, max_actors: int, cpus: float) -> None
         raise ValueError(f"compute: max_actors={max_actors} x cpus_per_actor={compute.cpus_per_actor} CPU would take "
                          f"every CPU of the cluster ({cpus:g}) and leave none for reading and writing; allowed: "
                          f"max_actors x cpus_per_actor <= {cpus - 1:g}")
+
+
+def check_output_reachable(output: OutputConfig) -> None:
+    """Writers run on every node: a local output on a cluster of more than one node must be a shared filesystem."""
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) > 1 and not is_s3(output.uri) and not output.shared_filesystem:
+        raise ValueError(f"output {output.uri!r} is a local path but the Ray cluster has {len(nodes)} nodes: each "
+                         "node's writers would write to their own disk; give an s3:// output, or set "
+                         "output.shared_filesystem: true if every node mounts this path (NFS, Lustre, ...)")
 
 
 # Ray returns task results under `max_direct_call_object_size` bytes (100 KiB by default) inline to their owner, the

@@ -31,11 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
-from vqbatch.io.dataset import (OutputRoot, check_output, prepare_output, publish, read_manifest, read_metadata,
+from vqbatch.io.dataset import (METADATA_SCHEMA, OutputRoot, check_output, prepare_output, publish, read_manifest,
                                 rows_digest, sampled_table, write_shard)
-from vqbatch.io.filesystems import read_bytes, resolve, to_uri
+from vqbatch.io.filesystems import resolve, to_uri
+from vqbatch.io.formats import FILE_NAME, shard_format
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.io.versions import version_folder
+from vqbatch.io.view import read_dataset
 from vqbatch.sampler import build_model
 
 RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
@@ -51,12 +54,22 @@ PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "tim
 class StoredDataset:
     location: OutputRoot
     manifest: dict
-    metadata: pa.Table  # METADATA_SCHEMA, every published row
+    metadata: pa.Table  # METADATA_SCHEMA of its format, every published row (`read_dataset`)
 
     @classmethod
     def open(cls, uri: str, s3: S3Config) -> "StoredDataset":
         location = OutputRoot(*resolve(uri, s3))
-        return cls(location, read_manifest(location), read_metadata(location))
+        return cls(location, read_manifest(location), read_dataset(uri, s3))
+
+    @property
+    def output_format(self) -> str:
+        return self.manifest["output"].get("format", "files")
+
+    @property
+    def kept_columns(self) -> list[str]:
+        """The input columns the dataset carries (`input.keep_columns`): those after the metadata's own."""
+        own = {*METADATA_SCHEMA.names, FILE_NAME}
+        return [name for name in self.metadata.column_names if name not in own]
 
     @property
     def metadata_uris(self) -> list[str]:
@@ -214,12 +227,14 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
     check_output(config.output, s3)
     tokens, pixels = regenerate(chosen, source.manifest, batch_size, device)
     location = prepare_output(config.output, s3)
-    image_rows, per_file = chosen.select(IMAGE_ROW_SCHEMA.names), config.output.rows_per_file
+    image_rows = chosen.select([*IMAGE_ROW_SCHEMA.names, *source.kept_columns])
+    per_file, folder = config.output.rows_per_file, version_folder(1)
     truncated = (chosen.column("prompt_truncated").to_pylist() if "prompt_truncated" in chosen.column_names
                  else [None] * chosen.num_rows)  # datasets written before the column existed lack it
     shards = [write_shard(sampled_table(image_rows.slice(start, per_file),
                                         [row.tolist() for row in tokens[start:start + per_file]],
-                                        pixels[start:start + per_file], truncated[start:start + per_file]), config)
+                                        pixels[start:start + per_file], truncated[start:start + per_file]),
+                          config, folder)
               for start in range(0, chosen.num_rows, per_file)]
     publish(location, shards, source.metadata_uris, config)
     skipped = selected.filter(pc.field("status") != "ok").select(["id", "image_index"]).to_pylist()
@@ -297,16 +312,17 @@ def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3:
     rows = population.take(drawn)
     tokens, pixels = regenerate(rows, dataset.manifest, batch_size, device)
     quality = dataset.manifest["output"]["image_quality"]
-    checks = [check_row(dataset.location, row, row_tokens, image, quality)
-              for row, row_tokens, image in zip(rows.to_pylist(), tokens, pixels)]
+    stored = shard_format(dataset.output_format).image_bytes(dataset.location.filesystem, dataset.location.root, rows)
+    checks = [check_row(row, row_tokens, image, stored_image, quality)
+              for row, row_tokens, image, stored_image in zip(rows.to_pylist(), tokens, pixels, stored)]
     return VerifyReport(output_uri, population.num_rows, checks)
 
 
-def check_row(location: OutputRoot, row: dict, tokens: np.ndarray, pixels: np.ndarray, quality: int) -> RowCheck:
+def check_row(row: dict, tokens: np.ndarray, pixels: np.ndarray, stored: bytes, quality: int) -> RowCheck:
     stored_tokens = np.asarray(row["tokens"])  # (P,)
     tokens_differing = (int(np.sum(stored_tokens != tokens)) if stored_tokens.shape == tokens.shape
                         else max(stored_tokens.size, tokens.size))
-    stored_image = decode_image(read_bytes(location.filesystem, location.path(row["image"])))  # (H, W, 3)
+    stored_image = decode_image(stored)  # (H, W, 3)
     regenerated = decode_image(encode_image(pixels, row["image_format"], quality))  # (H, W, 3)
     pixels_differing = (int(np.any(stored_image != regenerated, axis=-1).sum())
                         if stored_image.shape == regenerated.shape else stored_image.shape[0] * stored_image.shape[1])

@@ -29,10 +29,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vqbatch.config import JobConfig, OutputConfig, S3Config
+from vqbatch.config import InputConfig, JobConfig, OutputConfig, S3Config
 from vqbatch.io.card import write_dataset_card
-from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically, write_files_atomically
-from vqbatch.io.images import encode_image, image_path
+from vqbatch.io.filesystems import exists, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.formats import FILE_NAME, FilesFormat, ShardRows, encoded_images, shard_format, with_hf_features
+from vqbatch.io.images import EXTENSIONS
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
 MANIFEST_NAME = "manifest.json"
@@ -42,15 +43,18 @@ IMAGES_DIR = "images"
 VERSIONS_DIR = "versions"
 TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
 
-# What the sampler hands to the writer: the image rows plus tokens and raw (H, W, C) pixels (null on error rows).
-SAMPLED_SCHEMA = IMAGE_ROW_SCHEMA.append(pa.field("tokens", TOKENS_TYPE)) \
-    .append(pa.field("pixels", pa.binary())).append(pa.field("height", pa.int32())).append(pa.field("width", pa.int32())) \
-    .append(pa.field("prompt_truncated", pa.bool_()))
+# What the sampler hands to the writer: the image rows (and kept input columns, after these) plus tokens and raw
+# (H, W, C) pixels (null on error rows).
+SAMPLED_FIELDS = [pa.field("tokens", TOKENS_TYPE), pa.field("pixels", pa.binary()), pa.field("height", pa.int32()),
+                  pa.field("width", pa.int32()), pa.field("prompt_truncated", pa.bool_())]
+SAMPLED_SCHEMA = pa.schema([*IMAGE_ROW_SCHEMA, *SAMPLED_FIELDS])
 
+# The metadata of every format; `image` is a string here (files, webdataset) or `formats.IMAGE_STRUCT` (parquet), the
+# files format adds `file_name` after it, and kept input columns (`input.keep_columns`) follow the last field.
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("image_index", pa.int32()), ("seed", pa.int64()),
     ("tokens", TOKENS_TYPE),
-    ("image", pa.string()),  # path relative to the output root; null on error rows
+    ("image", pa.string()),  # where the image is, under the output root (see vqbatch.io.formats); null on error rows
     ("status", pa.string()), ("error", pa.string()),
     ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
     ("height", pa.int32()), ("width", pa.int32()),
@@ -58,6 +62,17 @@ METADATA_SCHEMA = pa.schema([
     ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
     ("prior_weight", pa.float64()), ("image_format", pa.string()),
 ])
+FILE_NAME_FIELD = pa.field(FILE_NAME, pa.string())  # files format: the image's path under the metadata file's folder
+
+
+def metadata_schema(output_format: str, kept: list[pa.Field] = ()) -> pa.Schema:
+    """The metadata schema of a format, with the kept input columns `kept` at the end."""
+    fields = list(METADATA_SCHEMA)
+    position = METADATA_SCHEMA.get_field_index("image")
+    fields[position] = pa.field("image", shard_format(output_format).image_type)
+    if output_format == FilesFormat.name:
+        fields.insert(position + 1, FILE_NAME_FIELD)
+    return pa.schema([*fields, *kept])
 
 
 @dataclass(frozen=True)
@@ -74,44 +89,39 @@ class OutputRoot:
 
 
 def sampled_table(rows: pa.Table, tokens: list, pixels: list, prompt_truncated: list | None = None) -> pa.Table:
-    """`rows` (IMAGE_ROW_SCHEMA) with per-row tokens (list of ints or None) and pixels ((H, W, 3) uint8 or None).
+    """`rows` (IMAGE_ROW_SCHEMA, then any kept input columns) with per-row tokens (list of ints or None) and pixels
+    ((H, W, 3) uint8 or None).
 
     `prompt_truncated`: per row, whether the tokenizer cut its prompt (None: not known)."""
     sizes = [(None, None) if image is None else image.shape[:2] for image in pixels]
-    columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names},
-               "tokens": pa.array(tokens, TOKENS_TYPE),
+    sampled = {"tokens": pa.array(tokens, TOKENS_TYPE),
                "pixels": pa.array([None if image is None else image.tobytes() for image in pixels], pa.binary()),
                "height": pa.array([size[0] for size in sizes], pa.int32()),
                "width": pa.array([size[1] for size in sizes], pa.int32()),
                "prompt_truncated": pa.array(prompt_truncated or [None] * rows.num_rows, pa.bool_())}
-    return pa.table(columns, schema=SAMPLED_SCHEMA)
+    kept = [field for field in rows.schema if field.name not in IMAGE_ROW_SCHEMA.names]
+    columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names}, **sampled,
+               **{field.name: rows.column(field.name) for field in kept}}
+    return pa.table(columns, schema=pa.schema([*SAMPLED_SCHEMA, *kept]))
 
 
 def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
-    """Encode and write the images of `sampled`, then its metadata file, under `folder` of the output root;
-    return the file's summary."""
+    """Encode and write the images of `sampled` in the output's format, then its metadata file last, into `folder`
+    (a version's folder) of the output root; return the shard's summary."""
     output = OutputRoot.of(config.output, config.s3)
-    image_paths = write_images(output, sampled, config.output, folder)
-    metadata = metadata_table(sampled, image_paths, config)
-    relative = posixpath.join(folder, METADATA_DIR, f"part-{rows_digest(metadata)}.parquet")
-    write_bytes_atomically(output.filesystem, output.path(relative), parquet_bytes(metadata))
+    settings = config.output
+    shard = ShardRows(sampled, encoded_images(sampled, pixel_views(sampled), settings.image_format,
+                                              settings.image_quality),
+                      EXTENSIONS[settings.image_format], folder, rows_digest(sampled))
+    image_columns = shard_format(settings.format).write_images(output.filesystem, output.root, shard)
+    metadata = metadata_table(sampled, image_columns, config)
+    write_bytes_atomically(output.filesystem, output.path(shard.metadata_relative), parquet_bytes(metadata))
+    return shard_summary(shard.metadata_relative, metadata)
+
+
+def shard_summary(relative: str, metadata: pa.Table) -> dict:
     ok = metadata.column("status").to_pylist().count("ok")
     return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
-
-
-def write_images(output: OutputRoot, sampled: pa.Table, settings: OutputConfig, folder: str = "") -> list[str | None]:
-    """Encode and write the image of every ok row; return each row's image path (None on error rows)."""
-    ids, indices, statuses = (sampled.column(name).to_pylist() for name in ("id", "image_index", "status"))
-    relative = [posixpath.join(folder, image_path(row_id, index, settings.image_format)) if status == "ok" else None
-                for row_id, index, status in zip(ids, indices, statuses)]
-    ok = [position for position, path in enumerate(relative) if path is not None]
-    pixels = pixel_views(sampled)
-
-    def image_bytes(item: int) -> bytes:
-        return encode_image(pixels[ok[item]], settings.image_format, settings.image_quality)
-
-    write_files_atomically(output.filesystem, [output.path(relative[position]) for position in ok], image_bytes)
-    return relative
 
 
 def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
@@ -127,16 +137,21 @@ def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
             for view, height, width in zip(flat, heights, widths)]
 
 
-def metadata_table(sampled: pa.Table, image_paths: list[str | None], config: JobConfig) -> pa.Table:
+def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config: JobConfig) -> pa.Table:
+    """The metadata rows of a shard: its sampled rows less the pixels, the format's `image_columns`, the sampling
+    parameters, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
     constants = {"model": config.model.uri, "steps": config.sampling.steps,
                  "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
                  "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
                  "prior_weight": config.sampling.prior_weight, "image_format": config.output.image_format}
-    columns = {name: sampled.column(name) for name in sampled.column_names if name in METADATA_SCHEMA.names}
-    columns["image"] = pa.array(image_paths, pa.string())
+    kept = [field for field in sampled.schema if field.name not in SAMPLED_SCHEMA.names]
+    schema = metadata_schema(config.output.format, kept)
+    columns = {name: sampled.column(name) for name in sampled.column_names if name in schema.names}
+    columns.update(image_columns)
     for name, value in constants.items():
         columns[name] = pa.array([value] * sampled.num_rows, METADATA_SCHEMA.field(name).type)
-    return pa.table({name: columns[name] for name in METADATA_SCHEMA.names}, schema=METADATA_SCHEMA)
+    return with_hf_features(pa.table({name: columns[name] for name in schema.names}, schema=schema),
+                            config.output.format)
 
 
 def rows_digest(metadata: pa.Table) -> str:
@@ -150,6 +165,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def check_kept_columns(config: InputConfig) -> None:
+    """Kept input columns go into every output row beside the metadata's own columns: their names must differ."""
+    taken = {*METADATA_SCHEMA.names, FILE_NAME, *SAMPLED_SCHEMA.names}
+    clashing = [name for name in config.keep_columns if name in taken]
+    if clashing:
+        raise ValueError(f"input.keep_columns: {', '.join(map(repr, clashing))} would overwrite the output's own "
+                         f"column(s); allowed: input columns named other than {', '.join(sorted(taken))} (rename "
+                         "them in the input)")
 
 
 def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
@@ -197,6 +222,7 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
         "ok": sum(shard["ok"] for shard in shards),
         "errors": sum(shard["errors"] for shard in shards),
         "metadata_files": sorted(shards, key=lambda shard: shard["file"]),
+        "data_files": data_files(shards, config.output.format),
         "input_files": input_uris,
         "model": config.model.model_dump(mode="json"),
         "sampling": config.sampling.model_dump(mode="json"),
@@ -210,6 +236,12 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
     return manifest
 
 
+def data_files(shards: list[dict], output_format: str) -> list[str]:
+    """The files a reader of `output_format` opens, under the output root: the published view, oldest first."""
+    return [path for shard in sorted(shards, key=lambda shard: shard["file"])
+            for path in shard_format(output_format).data_files(shard["file"])]
+
+
 def read_manifest(location: OutputRoot) -> dict:
     if not exists(location.filesystem, location.path(SUCCESS_NAME)):
         raise FileNotFoundError(f"no published dataset at {location.root}: {SUCCESS_NAME} is missing")
@@ -220,5 +252,5 @@ def read_metadata(location: OutputRoot) -> pa.Table:
     """Every published metadata row (the files the manifest lists), as one table."""
     files = [location.path(shard["file"]) for shard in read_manifest(location)["metadata_files"]]
     tables = [pq.read_table(path, filesystem=location.filesystem) for path in files]
-    return pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
+    return pa.concat_tables(tables, promote_options="default") if tables else METADATA_SCHEMA.empty_table()
 

@@ -67,7 +67,8 @@ class InputFiles:
         return [to_uri(self.filesystem, path) for path in self.paths]
 
     def columns(self, config: InputConfig) -> list[str]:
-        return [config.id_column, config.prompt_column] + ([config.seed_column] if self.has_seed_column else [])
+        job = [config.id_column, config.prompt_column] + ([config.seed_column] if self.has_seed_column else [])
+        return job + [name for name in config.keep_columns if name not in job]
 
     def batches(self, path: str, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """The rows the job reads from the file at `path` (its first `file_rows`), `batch_rows` at a time."""
@@ -92,6 +93,7 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
     for path, schema in schemas.items():
         check_columns(schema, config, to_uri(filesystem, path))
     check_id_kinds_agree(schemas, config, filesystem)
+    check_kept_columns_agree(schemas, config, filesystem)
     if num_rows == 0:
         raise ValueError(f"the input has no rows: {len(paths)} file(s) ({', '.join(map(str, config.paths))}) "
                          "are all empty; give files with at least one prompt")
@@ -255,6 +257,21 @@ def check_id_kinds_agree(schemas: dict[str, pa.Schema], config: InputConfig, fil
                          f"{example[False]}; give it the same type in every input file")
 
 
+def check_kept_columns_agree(schemas: dict[str, pa.Schema], config: InputConfig, filesystem: pafs.FileSystem) -> None:
+    """Each kept column is in every file, with one type: the output's rows all carry it."""
+    for name in config.keep_columns:
+        types = {}
+        for path, schema in schemas.items():
+            if name not in schema.names:
+                raise ValueError(f"input.keep_columns: input file {to_uri(filesystem, path)} has no column {name!r} "
+                                 f"(columns: {', '.join(schema.names)}); keep only columns every input file has")
+            types.setdefault(str(schema.field(name).type), to_uri(filesystem, path))
+        if len(types) > 1:
+            shown = "; ".join(f"{kind} in {uri}" for kind, uri in types.items())
+            raise ValueError(f"input.keep_columns: column {name!r} has different types across input files ({shown}); "
+                             "give it one type in every file")
+
+
 def is_text(data_type: pa.DataType) -> bool:
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_null(data_type)
 
@@ -308,7 +325,14 @@ def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) 
                       id_problems[position] or prompt_problems[position])
             for position, (row_id, prompt) in enumerate(zip(ids, prompts))
             for index in range(sampling.images_per_prompt)]
-    return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
+    image_rows = pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
+    if not config.keep_columns:
+        return image_rows
+    repeated = np.repeat(np.arange(table.num_rows), sampling.images_per_prompt)  # each input row once per image
+    kept = table.select(list(config.keep_columns)).take(pa.array(repeated))
+    for name in config.keep_columns:
+        image_rows = image_rows.append_column(kept.schema.field(name), kept.column(name))
+    return image_rows
 
 
 def image_row(row_id, prompt, image_index: int, row_seed: int | None, base_seed: int,

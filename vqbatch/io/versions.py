@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,9 +39,10 @@ import pyarrow.parquet as pq
 
 from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config
 from vqbatch.hub import cache_root, looks_like_hub_id
-from vqbatch.io.dataset import (MANIFEST_NAME, METADATA_DIR, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove,
-                                rows_digest)
+from vqbatch.io.dataset import MANIFEST_NAME, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove, rows_digest
 from vqbatch.io.filesystems import exists, is_s3, list_files, read_bytes, resolve, write_bytes_atomically
+from vqbatch.io.held import HeldBuckets, held_rows
+from vqbatch.io.formats import is_metadata_name, is_shard_name, metadata_name, shard_format
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 
 SAMPLER_VERSION = 1  # raise it whenever a code change makes the same settings sample other tokens or images
@@ -69,7 +71,8 @@ def generation_fingerprint(config: JobConfig) -> Fingerprint:
 
     sampling = config.sampling.model_dump(mode="json")
     sampling.pop("images_per_prompt")
-    encoding = {"image_format": config.output.image_format, "image_quality": config.output.image_quality}
+    encoding = {"image_format": config.output.image_format, "image_quality": config.output.image_quality,
+                "format": config.output.format}
     return Fingerprint({"model": {**model_identity(config.model, config.s3), "dtype": config.model.dtype},
                         "sampling": sampling, "encoding": encoding,
                         "code": {"vqbatch": vqbatch.__version__, "sampler": SAMPLER_VERSION}})
@@ -140,8 +143,9 @@ class VersionPlan:
     history: tuple[dict, ...]  # the published versions, oldest first (the manifest's `versions`)
     held: pa.Array  # `key_strings` of the keys the published versions of this fingerprint hold
     staged: tuple[str, ...]  # complete metadata files a killed run of this version left (adopted)
-    done: pa.Array  # `key_strings` of the held and staged keys, which this run skips
+    done: HeldBuckets  # the held and staged keys (`key_strings`), which this run skips
     pending: int  # input keys still to sample
+    output_format: str  # how its shards are stored (`output.format`; part of the fingerprint)
 
     @property
     def folder(self) -> str:
@@ -165,8 +169,9 @@ def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: b
     version = history[-1]["version"] + 1 if history else 1
     held = read_keys(location, current_files(location, history, fingerprint))
     staged = tuple(staged_files(location, version, fingerprint)) if config.output.mode == "refresh" else ()
-    done = pc.unique(pa.concat_arrays([held, read_keys(location, staged)]))
-    return VersionPlan(location, version, fingerprint, history, held, staged, done, count_pending(inputs, config, done))
+    done = HeldBuckets.of(pc.unique(pa.concat_arrays([held, read_keys(location, staged)])))
+    return VersionPlan(location, version, fingerprint, history, held, staged, done, count_pending(inputs, config, done),
+                       config.output.format)
 
 
 def published_versions(location: OutputRoot) -> list[dict]:
@@ -215,11 +220,15 @@ def read_keys(location: OutputRoot, paths: list[str] | tuple[str, ...]) -> pa.Ar
 
 def staged_files(location: OutputRoot, version: int, fingerprint: Fingerprint) -> list[str]:
     """The complete metadata files a killed run of this version and fingerprint left; [] for another fingerprint."""
-    folder = location.path(version_folder(version))
     if staged_fingerprint(location, version) != fingerprint.digest:
         return []
-    return [path for path in list_files(location.filesystem, posixpath.join(folder, METADATA_DIR))
-            if path.endswith(".parquet")]
+    return shard_metadata_files(location, version_folder(version))
+
+
+def shard_metadata_files(location: OutputRoot, folder: str) -> list[str]:
+    """The metadata files (full paths) of the shards in a version's `folder` (relative to the root)."""
+    return [path for path in list_files(location.filesystem, location.path(folder), recursive=False)
+            if is_metadata_name(posixpath.basename(path))]
 
 
 def staged_fingerprint(location: OutputRoot, version: int) -> str | None:
@@ -229,20 +238,21 @@ def staged_fingerprint(location: OutputRoot, version: int) -> str | None:
     return json.loads(read_bytes(location.filesystem, path))["fingerprint"]
 
 
-def count_pending(inputs: InputFiles, config: JobConfig, done: pa.Array) -> int:
+def count_pending(inputs: InputFiles, config: JobConfig, done: HeldBuckets) -> int:
     """How many (id, image_index) keys the input expands to that `done` lacks; one input file in memory at a time,
     and none read when nothing is done (every row expands to `images_per_prompt` keys)."""
-    if len(done) == 0:
+    if not done.count:
         return inputs.num_rows * config.sampling.images_per_prompt
     return sum(drop_done(expand_rows(pa.Table.from_batches([batch]), config.input, config.sampling), done).num_rows
                for path in inputs.paths for batch in inputs.batches(path, inputs.columns(config.input)))
 
 
-def drop_done(rows: pa.Table, done: pa.Array) -> pa.Table:
-    """The rows of `rows` whose (id, image_index) key is not in `done` (`key_strings`), in order."""
-    if len(done) == 0 or rows.num_rows == 0:
+def drop_done(rows: pa.Table, done: HeldBuckets, fetch: Callable = lambda bucket: bucket) -> pa.Table:
+    """The rows of `rows` whose (id, image_index) key is not in `done`, in order; `fetch` turns a bucket's handle
+    into its keys (`held.held_rows`)."""
+    if not done.count or rows.num_rows == 0:
         return rows
-    return rows.filter(pc.invert(pc.is_in(key_strings(rows), value_set=done)))
+    return rows.filter(pa.array(~held_rows(key_strings(rows), done, fetch)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,19 +303,20 @@ def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig)
 
 def deduplicated_shards(plan: VersionPlan) -> list[dict]:
     """Summaries of this version's staged files, cut so that each key not held already appears once."""
-    location = plan.location
-    folder = location.path(f"{plan.folder}/{METADATA_DIR}")
+    location, output_format = plan.location, shard_format(plan.output_format)
     staged = [StagedFile.read(location, posixpath.relpath(path, location.root))
-              for path in list_files(location.filesystem, folder) if path.endswith(".parquet")]
+              for path in shard_metadata_files(location, plan.folder)]
     shards = {}
     for file, new in zip(staged, new_rows(plan, staged)):
         if not new.any():
             continue
-        relative = file.relative if new.all() else rewrite_without(location, file.relative, pa.array(new), plan.folder)
+        relative = file.relative if new.all() else rewrite_without(location, file.relative, pa.array(new), plan)
         rows, ok = int(new.sum()), int(file.ok[new].sum())
         shards[relative] = {"file": relative, "rows": rows, "ok": ok, "errors": rows - ok, "version": plan.version}
-    for relative in {file.relative for file in staged} - set(shards):
-        location.filesystem.delete_file(location.path(relative))
+    published = {name for relative in shards for name in (relative, *output_format.data_files(relative))}
+    for path in list_files(location.filesystem, location.path(plan.folder), recursive=False):
+        if is_shard_name(posixpath.basename(path)) and posixpath.relpath(path, location.root) not in published:
+            location.filesystem.delete_file(path)  # rows held already, or a tar whose metadata was never written
     return [shards[relative] for relative in sorted(shards)]
 
 
@@ -359,9 +370,11 @@ def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:
     return masks
 
 
-def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder: str) -> str:
-    """Write the kept rows of a staged metadata file as a file named by their keys; return its relative path."""
+def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, plan: VersionPlan) -> str:
+    """Write the kept rows of a staged shard (its data first, its metadata file last) as a shard named by their
+    keys; return its metadata file's relative path."""
     table = pq.read_table(location.path(relative), filesystem=location.filesystem).filter(keep)
-    rewritten = f"{folder}/{METADATA_DIR}/part-{rows_digest(table)}.parquet"
+    rewritten = posixpath.join(plan.folder, metadata_name(rows_digest(table)))
+    table = shard_format(plan.output_format).rewrite(location.filesystem, location.root, table, relative, rewritten)
     write_bytes_atomically(location.filesystem, location.path(rewritten), parquet_bytes(table))
     return rewritten

@@ -1,0 +1,185 @@
+"""Output formats end to end on a real local Ray: files, webdataset and parquet, on local folders and on moto's S3
+server, read back with HF `datasets`, `webdataset`, pyarrow and DuckDB as the README's recipes do, and
+`read_dataset`'s one published view after a refresh under a changed fingerprint."""
+
+import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import boto3
+import datasets as hf_datasets
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import webdataset
+from ray.util.annotations import RayDeprecationWarning
+
+from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
+from vqbatch import read_dataset
+from vqbatch.config import load_job_config
+from vqbatch.engine import refresh, run_job
+from vqbatch.io.images import decode_image
+from vqbatch.proof import rerun, verify
+from vqbatch.tiny import write_tiny_checkpoint
+
+FORMATS = ["files", "webdataset", "parquet"]
+PROMPTS = 6  # p3 has a blank prompt: its two rows are error rows
+IMAGES_PER_PROMPT = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    ids = [f"p{i}" for i in range(PROMPTS)]
+    texts = [" " if i == 3 else f"a small shape number {i}" for i in range(PROMPTS)]
+    pq.write_table(pa.table({"id": ids, "prompt": texts, "licence": [f"cc-by-{i}" for i in range(PROMPTS)],
+                             "split": ["train" if i % 2 else "test" for i in range(PROMPTS)]}), path)
+    return str(path)
+
+
+def job(prompts, output, output_format, model="noop", **overrides):
+    return load_job_config(None, {"input.paths": [prompts], "output.uri": str(output), "model.uri": model,
+                                  "output.format": output_format, "input.keep_columns": ["licence", "split"],
+                                  "sampling.steps": 2, "sampling.images_per_prompt": IMAGES_PER_PROMPT,
+                                  "compute.batch_size": 4, "compute.max_actors": 1, "compute.cpus_per_actor": 0.5,
+                                  "output.rows_per_file": 5, **overrides})
+
+
+def data_files(root: Path) -> list[str]:
+    """The README's recipe: the manifest lists the published view's files."""
+    return [str(root / name) for name in json.loads((root / "manifest.json").read_text())["data_files"]]
+
+
+def load_with_its_reader(root: Path, output_format: str) -> dict:
+    """{(id, image_index): (decoded image, prompt, seed, tokens, licence)} of every ok row, read by the tool a
+    trainer would use for `output_format`: HF datasets (imagefolder / parquet) or webdataset."""
+    files = data_files(root)
+    cache = str(root.parent / f"hf-cache-{root.name}")
+    if output_format == "webdataset":
+        samples = webdataset.WebDataset(files, shardshuffle=False, empty_check=False).decode("rgb8")
+        return {(sample["json"]["id"], sample["json"]["image_index"]):
+                (sample["png"], sample["json"]["prompt"], sample["json"]["seed"], sample["tokens.npy"].tolist(),
+                 sample["json"]["licence"]) for sample in samples}
+    if output_format == "files":
+        loaded = hf_datasets.load_dataset("imagefolder", data_files=files, split="train", cache_dir=cache,
+                                          metadata_filenames=[Path(name).name for name in files])
+    else:
+        loaded = hf_datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+    assert isinstance(loaded.features["image"], hf_datasets.Image)
+    return {(row["id"], row["image_index"]): (np.asarray(row["image"].convert("RGB")), row["prompt"], row["seed"],
+                                              row["tokens"], row["licence"])
+            for row in loaded if row["status"] == "ok"}
+
+
+def check_rows_match_metadata(root: Path, output_format: str, uri: str | None = None) -> pa.Table:
+    """Every published row once; each ok row's image, prompt, seed, tokens and kept columns as its reader sees them
+    equal what `read_dataset` says."""
+    rows = read_dataset(uri or str(root), images=True)
+    keys = list(zip(rows.column("id").to_pylist(), rows.column("image_index").to_pylist()))
+    assert sorted(keys) == sorted((f"p{i}", k) for i in range(PROMPTS) for k in range(IMAGES_PER_PROMPT))
+    ok = [row for row in rows.to_pylist() if row["status"] == "ok"]
+    assert len(ok) == (PROMPTS - 1) * IMAGES_PER_PROMPT
+    loaded = load_with_its_reader(root, output_format)
+    assert sorted(loaded) == sorted((row["id"], row["image_index"]) for row in ok)
+    for row in ok:
+        image, prompt, seed, tokens, licence = loaded[(row["id"], row["image_index"])]
+        np.testing.assert_array_equal(image, decode_image(row["image"]["bytes"]))
+        assert (prompt, seed, tokens, licence) == (row["prompt"], row["seed"], row["tokens"], row["licence"])
+        assert row["split"] == ("train" if int(row["id"][1:]) % 2 else "test")
+    return rows
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_each_format_reads_back_with_its_tools_verifies_and_reruns(output_format, prompts, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)  # vqbatch's own Ray calls use no deprecated argument
+        summary = run_job(job(prompts, output, output_format, tiny_model))
+    assert (summary.rows, summary.errors) == (PROMPTS * IMAGES_PER_PROMPT, IMAGES_PER_PROMPT)
+    rows = check_rows_match_metadata(output, output_format)
+    assert len({row["image"]["bytes"] for row in rows.to_pylist() if row["image"]}) > 1  # the tiny model's images
+
+    report = verify(str(output), sample=100, batch_size=2)
+    assert report.passed and len(report.checks) == (PROMPTS - 1) * IMAGES_PER_PROMPT
+    reran = rerun(str(output), ids=["p1"], into=str(tmp_path / "rerun"), batch_size=2)
+    again = read_dataset(reran.output_uri, images=True).to_pylist()
+    originals = {(row["id"], row["image_index"]): row for row in rows.to_pylist()}
+    assert sorted((row["id"], row["image_index"]) for row in again) == [("p1", 0), ("p1", 1)]
+    for row in again:
+        original = originals[(row["id"], row["image_index"])]
+        assert row["tokens"] == original["tokens"] and row["licence"] == original["licence"]
+        np.testing.assert_array_equal(decode_image(row["image"]["bytes"]), decode_image(original["image"]["bytes"]))
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_s3_output_of_each_format(output_format, prompts, s3_endpoint, tmp_path):  # noqa: F811
+    s3 = boto3.client("s3")
+    bucket = f"formats-{output_format}"
+    s3.create_bucket(Bucket=bucket)
+    run_job(job(prompts, f"s3://{bucket}/out", output_format, **{  # Ray workers get the endpoint from the config
+        "s3.endpoint_url": s3_endpoint, "s3.access_key_id": "testing", "s3.secret_access_key": "testing"}))
+    local = tmp_path / "copy"  # the published view, copied down as a trainer's loader would read it
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    for name in ["manifest.json", *published_files(s3, bucket, manifest, output_format)]:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"out/{name}", str(local / name))
+    check_rows_match_metadata(local, output_format, uri=f"s3://{bucket}/out")
+
+
+def published_files(s3, bucket: str, manifest: dict, output_format: str) -> list[str]:
+    if output_format != "files":
+        return manifest["data_files"]
+    images = [item["Key"].removeprefix("out/") for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix="out/versions/v0001/images/") for item in page["Contents"]]
+    return [*manifest["data_files"], *images]
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format, prompts, tmp_path):
+    output = tmp_path / "out"
+    run_job(job(prompts, output, output_format))
+    summary = refresh(job(prompts, output, output_format, **{"sampling.steps": 3}), allow_new_fingerprint=True)
+    assert summary.version == 2 and summary.rows == PROMPTS * IMAGES_PER_PROMPT
+
+    rows = read_dataset(str(output))
+    assert rows.num_rows == PROMPTS * IMAGES_PER_PROMPT and set(rows.column("steps").to_pylist()) == {3}
+    globbed = sorted(output.glob("versions/*/part-*.parquet"))  # what the issue's user globbed: both versions
+    assert pq.read_table(globbed).num_rows == 2 * rows.num_rows
+    metadata = [name for name in data_files(output) if name.endswith(".parquet")] or \
+        [name.removesuffix(".tar") + ".parquet" for name in data_files(output)]
+    counted = duckdb.sql(f"select count(*), count(distinct (id, image_index)) from read_parquet({metadata})").fetchall()[0]
+    assert counted == (rows.num_rows, rows.num_rows)  # the DuckDB recipe reads the manifest's files
+    if output_format == "webdataset":
+        samples = list(webdataset.WebDataset(data_files(output), shardshuffle=False))
+        assert len(samples) == len({sample["__key__"] for sample in samples}) == (PROMPTS - 1) * IMAGES_PER_PROMPT
+
+
+def test_tar_shards_hold_whole_samples_under_webdataset_safe_keys(prompts, tmp_path):
+    output = tmp_path / "out"
+    run_job(job(prompts, output, "webdataset"))
+    for tar in data_files(output):
+        with tarfile.open(tar) as archive:
+            names = archive.getnames()
+        keys = {name.split(".", 1)[0] for name in names}
+        assert all("." not in key and "/" not in key for key in keys)
+        assert sorted(names) == sorted(f"{key}.{part}" for key in keys for part in ("json", "png", "tokens.npy"))
+        tokens = np.load(io.BytesIO(tarfile.open(tar).extractfile(f"{sorted(keys)[0]}.tokens.npy").read()))
+        assert tokens.dtype == np.int32
