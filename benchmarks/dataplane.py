@@ -150,8 +150,8 @@ def cpu_seconds_since(before: dict[int, float]) -> float:
 
 def run(settings: Settings) -> Report:
     report = Report("dataplane", asdict(settings), machine("cpu"), columns=[
-        "job", "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "cpu_ms_per_row", "driver_start_mib",
-        "driver_peak_mib",
+        "job", "prompts", "seconds", "rows_per_s", "first_file_s", "steady_rows_per_s", "cpu_ms_per_row",
+        "driver_start_mib", "driver_peak_mib",
         "largest_worker_peak_mib", "largest_worker_private_peak_mib", "largest_worker", "workers_peak_mib",
         "workers_private_peak_mib", "tree_peak_mib", "worker_processes"])
     with tempfile.TemporaryDirectory(prefix="vqbatch-dataplane-") as scratch:
@@ -175,8 +175,8 @@ def run(settings: Settings) -> Report:
     }
     report.notes += [
         f"no-op model ({NOOP_MODEL!r}): 8x8 grey PNG per row; one image per prompt; {settings.batch} rows per actor "
-        f"call; output format {settings.output_format!r}, {settings.rows_per_file} rows per shard; input written as {ROWS_PER_INPUT_FILE}-row "
-        f"Parquet files; output on the local disk; one actor on {NOOP_ACTOR_CPUS} CPU (a fresh local Ray per run).",
+        f"call; output format {settings.output_format!r}, {settings.rows_per_file} rows per shard; input written as "
+        f"{ROWS_PER_INPUT_FILE}-row Parquet files; output on the local disk; one actor on {NOOP_ACTOR_CPUS} CPU (a fresh local Ray per run).",
         f"rows_per_s = prompts / job seconds, on a local Ray warmed by a {WARM_UP_PROMPTS}-prompt job (actor start, "
         "planning, reading, writing and the manifest included); first_file_s: seconds to the first metadata file; "
         "steady_rows_per_s: rows per second from the first metadata file to the last; cpu_ms_per_row: CPU time of the "

@@ -15,7 +15,7 @@ from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
 from vqbatch.engine import actor_pool, build_dataset, run_job
-from vqbatch.io.dataset import METADATA_SCHEMA, OutputRoot, read_manifest, read_metadata
+from vqbatch.io.dataset import OutputRoot, metadata_schema, read_manifest, read_metadata
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image
 from vqbatch.io.prompts import open_input
@@ -71,7 +71,7 @@ def test_generate_end_to_end_on_local_ray(tiny_model, tmp_path, capsys):
 
     location = OutputRoot(*resolve(str(output), S3Config()))
     metadata = read_metadata(location)
-    assert metadata.schema == METADATA_SCHEMA
+    assert metadata.schema == metadata_schema("files")
     rows = metadata.to_pylist()
     keys = [(row["id"], row["image_index"]) for row in rows]
     assert sorted(keys) == sorted((row_id, k) for row_id in ("1", "2", "3", "x", "y", "z") for k in (0, 1))

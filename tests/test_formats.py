@@ -28,6 +28,7 @@ from vqbatch.proof import rerun, verify
 from vqbatch.tiny import write_tiny_checkpoint
 
 FORMATS = ["files", "webdataset", "parquet"]
+README = Path(__file__).resolve().parents[1] / "README.md"
 PROMPTS = 6  # p3 has a blank prompt: its two rows are error rows
 IMAGES_PER_PROMPT = 2
 
@@ -152,9 +153,20 @@ def published_files(s3, bucket: str, manifest: dict, output_format: str) -> list
     return [*manifest["data_files"], *images]
 
 
+def readme_recipes(output_format: str) -> str:
+    """The README's reading recipes that apply to `output_format`, as one script (the `...` loop body runs)."""
+    section = README.read_text().split("## Read the dataset", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("\n", 1)[1] for block in section.split("```python")[1:]]
+    blocks = [block.split("```", 1)[0] for block in blocks]
+    manifest, hf, wds, metadata = blocks
+    chosen = {"files": hf.split("\n", 2)[0] + "\n" + hf.split("\n", 2)[2],
+              "parquet": "\n".join(hf.splitlines()[:2]), "webdataset": wds}[output_format]
+    return "\n".join([manifest, chosen, metadata])
+
+
 @pytest.mark.parametrize("output_format", FORMATS)
-def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format, prompts, tmp_path):
-    output = tmp_path / "out"
+def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format, prompts, tmp_path, monkeypatch):
+    output = tmp_path / "out" / "run1"
     run_job(job(prompts, output, output_format))
     summary = refresh(job(prompts, output, output_format, **{"sampling.steps": 3}), allow_new_fingerprint=True)
     assert summary.version == 2 and summary.rows == PROMPTS * IMAGES_PER_PROMPT
@@ -165,11 +177,20 @@ def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format,
     assert pq.read_table(globbed).num_rows == 2 * rows.num_rows
     metadata = [name for name in data_files(output) if name.endswith(".parquet")] or \
         [name.removesuffix(".tar") + ".parquet" for name in data_files(output)]
-    counted = duckdb.sql(f"select count(*), count(distinct (id, image_index)) from read_parquet({metadata})").fetchall()[0]
+    query = f"select count(*), count(distinct (id, image_index)) from read_parquet({metadata})"
+    counted = duckdb.sql(query).fetchall()[0]
     assert counted == (rows.num_rows, rows.num_rows)  # the DuckDB recipe reads the manifest's files
     if output_format == "webdataset":
         samples = list(webdataset.WebDataset(data_files(output), shardshuffle=False))
         assert len(samples) == len({sample["__key__"] for sample in samples}) == (PROMPTS - 1) * IMAGES_PER_PROMPT
+
+    monkeypatch.chdir(tmp_path)  # the recipes read `out/run1`
+    monkeypatch.setattr(hf_datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    names = {}
+    exec(readme_recipes(output_format), names)
+    assert names["table"].num_rows == rows.num_rows
+    loaded = list(names["samples"]) if output_format == "webdataset" else names["ds"]
+    assert len(loaded) == (PROMPTS - 1) * IMAGES_PER_PROMPT if output_format == "webdataset" else rows.num_rows
 
 
 def test_tar_shards_hold_whole_samples_under_webdataset_safe_keys(prompts, tmp_path):

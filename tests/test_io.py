@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vqbatch.config import InputConfig, S3Config, load_job_config
-from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, METADATA_SCHEMA, SUCCESS_NAME, OutputRoot, prepare_output,
+from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputRoot, metadata_schema, prepare_output,
                                 publish, read_manifest, read_metadata, sampled_table, write_shard)
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
@@ -226,7 +226,7 @@ def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
     assert write_shard(sampled, config) == shard  # same rows, same file name
     publish(output, [shard], ["x"], config)
     metadata = read_metadata(output)
-    assert metadata.schema == METADATA_SCHEMA and metadata.num_rows == 6
+    assert metadata.schema == metadata_schema("files") and metadata.num_rows == 6
     assert (shard["ok"], shard["errors"]) == (4, 2) and read_manifest(output)["rows"] == 6
     for row, image in zip(metadata.to_pylist(), pixels):
         if image is None:

@@ -38,8 +38,8 @@ def job(prompts, output, **overrides):
 
 def test_actors_and_writers_on_a_second_node_write_every_row_once_to_s3(two_nodes, s3_endpoint, tmp_path):  # noqa: F811
     prompts = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"id": [f"p{i}" for i in range(PROMPTS)], "prompt": [f"prompt {i}" for i in range(PROMPTS)]}),
-                   prompts)
+    ids = [f"p{i}" for i in range(PROMPTS)]
+    pq.write_table(pa.table({"id": ids, "prompt": [f"prompt {i}" for i in range(PROMPTS)]}), prompts)
     boto3.client("s3").create_bucket(Bucket="nodes")
     s3 = {"s3.endpoint_url": s3_endpoint, "s3.access_key_id": "testing", "s3.secret_access_key": "testing"}
 
