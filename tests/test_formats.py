@@ -33,7 +33,7 @@ PROMPTS = 6  # p3 has a blank prompt: its two rows are error rows
 IMAGES_PER_PROMPT = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
@@ -42,12 +42,12 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, local_ray):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny", seed=0))
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
+def prompts(tmp_path_factory, local_ray):
     path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
     ids = [f"p{i}" for i in range(PROMPTS)]
     texts = [" " if i == 3 else f"a small shape number {i}" for i in range(PROMPTS)]
@@ -204,3 +204,18 @@ def test_tar_shards_hold_whole_samples_under_webdataset_safe_keys(prompts, tmp_p
         assert sorted(names) == sorted(f"{key}.{part}" for key in keys for part in ("json", "png", "tokens.npy"))
         tokens = np.load(io.BytesIO(tarfile.open(tar).extractfile(f"{sorted(keys)[0]}.tokens.npy").read()))
         assert tokens.dtype == np.int32
+
+
+def test_kept_columns_are_checked_before_ray_starts(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"], "licence": ["cc"], "seed": [1]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["b"], "prompt": ["p"], "licence": [3], "seed": [2]}), tmp_path / "b.parquet")
+    both = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    with pytest.raises(ValueError, match="column 'licence' has different types across input files"):
+        run_job(job(both[0], tmp_path / "out", "files", **{"input.paths": both}))
+    with pytest.raises(ValueError, match="input.keep_columns: input file .*a.parquet has no column 'source'"):
+        run_job(job(both[0], tmp_path / "out", "files", **{"input.paths": both, "input.keep_columns": ["source"]}))
+    with pytest.raises(ValueError, match="'seed' would overwrite the output's own column"):
+        run_job(job(both[0], tmp_path / "out", "files", **{"input.keep_columns": ["seed"]}))
+    with pytest.raises(ValueError, match="output.format.*'files', 'webdataset' or 'parquet'|output.format"):
+        job(both[0], tmp_path / "out", "tar")
+    assert not (tmp_path / "out").exists()

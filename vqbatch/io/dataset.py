@@ -1,18 +1,16 @@
 """The output dataset: images, metadata Parquet files and the manifest that publishes them.
 
-Layout under the output root (a local folder or an s3:// prefix):
+Layout under the output root (a local folder or an s3:// prefix), per version of the dataset:
 
-    images/<xx>/<id digest>_<image index>.<ext>   one file per ok image row (see `images.image_path`)
-    metadata/part-<rows digest>.parquet           one row per image row, `METADATA_SCHEMA`
-    manifest.json                                 the metadata files, counts, input files and settings
+    versions/v0001/part-<rows digest>.parquet     a shard's metadata file, one row per image row (`metadata_schema`)
+    versions/v0001/...                            the shard's images in the output's format (`vqbatch.io.formats`)
+    manifest.json                                 the published files (`data_files`, `metadata_files`), counts,
+                                                  input files, settings and the history of versions
     _SUCCESS                                      empty; written last
 
-The engine writes `images/` and `metadata/` of each run under its version's folder (`versions/v0001/...`, see
-`vqbatch.io.versions`), and the manifest lists the published files of every version.
-
 Every file is written whole (`write_bytes_atomically`) at a name that depends only on its content's rows, so a
-rerun writes the same names. Only the metadata files listed in `manifest.json` are published; `_SUCCESS` says the
-manifest is complete.
+rerun writes the same names. Only the files listed in `manifest.json` are published; `_SUCCESS` says the manifest
+is complete.
 """
 
 from __future__ import annotations
