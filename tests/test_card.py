@@ -9,7 +9,7 @@ from huggingface_hub import DatasetCard
 
 from conftest import SMALL_DATASET_OK
 from vqbatch.io.card import CARD_NAME, card_text
-from vqbatch.io.dataset import METADATA_SCHEMA
+from vqbatch.io.dataset import METADATA_SCHEMA, metadata_schema
 
 
 def test_each_publish_writes_a_card_that_datasets_loads(small_dataset):
@@ -19,7 +19,7 @@ def test_each_publish_writes_a_card_that_datasets_loads(small_dataset):
     assert card.data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
     assert "text-to-image" in card.data.task_categories
     rows = datasets.load_dataset(str(small_dataset), split="train")
-    assert rows.num_rows == SMALL_DATASET_OK + 2 and rows.column_names == METADATA_SCHEMA.names
+    assert rows.num_rows == SMALL_DATASET_OK + 2 and rows.column_names == metadata_schema("files").names
     assert rows.features["tokens"] == datasets.List(datasets.Value("int32"))
     assert rows.features["seed"] == datasets.Value("int64")
     text = card.text

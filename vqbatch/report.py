@@ -24,7 +24,8 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from vqbatch.config import S3Config
-from vqbatch.io.filesystems import is_s3, read_bytes
+from vqbatch.io.filesystems import is_s3
+from vqbatch.io.formats import shard_format
 from vqbatch.io.images import EXTENSIONS
 from vqbatch.io.run_stats import read_run_stats
 from vqbatch.io.versions import version_folder
@@ -34,7 +35,7 @@ DEFAULT_SAMPLE = 48
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 ERRORS_SHOWN = 10  # most frequent error messages listed
-MIME_TYPES = {extension: f"image/{name}" for name, extension in EXTENSIONS.items()}
+MIME_TYPES = {name: f"image/{name}" for name in EXTENSIONS}  # by the stored `image_format`
 SHEET_COLUMNS = 8
 SHEET_IMAGE = 160  # pixels of each image's side on the contact sheet (small images are enlarged, pixels kept sharp)
 SHEET_PROMPT_LINES = 3
@@ -54,7 +55,7 @@ class Sample:
 
     @property
     def mime_type(self) -> str:
-        return MIME_TYPES[self.row["image"].rsplit(".", 1)[-1]]
+        return MIME_TYPES[self.row["image_format"]]
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,14 @@ def write_report(output_uri: str, to: str | Path | None = None, sample: int = DE
 def choose_rows(ok_rows: pa.Table, sample: int, seed: int) -> list[dict]:
     """`sample` ok rows drawn with `seed` (all of them if fewer), kept in dataset order."""
     chosen = sorted(random.Random(seed).sample(range(ok_rows.num_rows), min(sample, ok_rows.num_rows)))
-    return ok_rows.take(chosen).select(["id", "prompt", "image_index", "seed", "image"]).to_pylist()
+    return ok_rows.take(chosen).select(["id", "prompt", "image_index", "seed", "image", "image_format"]).to_pylist()
 
 
 def load_samples(dataset: StoredDataset, rows: list[dict]) -> list[Sample]:
-    location = dataset.location
-    return [Sample(row, read_bytes(location.filesystem, location.path(row["image"]))) for row in rows]
+    """Each row with its image's bytes, read where the dataset's format keeps them (files, tars or Parquet)."""
+    location, images = dataset.location, pa.Table.from_pylist(rows).select(["image"])
+    data = shard_format(dataset.output_format).image_bytes(location.filesystem, location.root, images)
+    return [Sample(row, image) for row, image in zip(rows, data)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

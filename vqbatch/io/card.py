@@ -15,6 +15,7 @@ import pyarrow as pa
 import yaml
 
 from vqbatch.io.filesystems import write_bytes_atomically
+from vqbatch.io.formats import IMAGE_STRUCT
 
 CARD_NAME = "README.md"
 ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
@@ -22,10 +23,18 @@ ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", 
 
 
 def hf_feature(field: pa.Field) -> dict:
-    """One `dataset_info.features` entry: {"name", "dtype"}, or {"name", "list"} for a list column."""
+    """One `dataset_info.features` entry: {"name", "dtype"}, or {"name", "list"} for a list column; the parquet
+    format's `image` struct {bytes, path} is HF's `image` type."""
+    if field.type == IMAGE_STRUCT:
+        return {"name": field.name, "dtype": "image"}
     if pa.types.is_list(field.type):
-        return {"name": field.name, "list": ARROW_TO_HF[field.type.value_type]}
-    return {"name": field.name, "dtype": ARROW_TO_HF[field.type]}
+        return {"name": field.name, "list": hf_dtype(field.type.value_type)}
+    return {"name": field.name, "dtype": hf_dtype(field.type)}
+
+
+def hf_dtype(data_type: pa.DataType) -> str:
+    """HF's name of an Arrow type: Arrow's own name for the primitives a kept input column may have."""
+    return ARROW_TO_HF.get(data_type, str(data_type))
 
 
 def card_header(manifest: dict, schema: pa.Schema) -> dict:

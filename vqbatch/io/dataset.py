@@ -233,9 +233,16 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
     }
     write_bytes_atomically(location.filesystem, location.path(MANIFEST_NAME),
                            json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
-    write_dataset_card(location, manifest, METADATA_SCHEMA)
+    write_dataset_card(location, manifest, published_schema(location, shards, config.output.format))
     write_bytes_atomically(location.filesystem, location.path(SUCCESS_NAME), b"")
     return manifest
+
+
+def published_schema(location: OutputRoot, shards: list[dict], output_format: str) -> pa.Schema:
+    """The metadata files' schema (kept input columns included): read from the first published file's footer."""
+    if not shards:
+        return metadata_schema(output_format)
+    return pq.read_schema(location.path(shards[0]["file"]), filesystem=location.filesystem).remove_metadata()
 
 
 def data_files(shards: list[dict], output_format: str) -> list[str]:
