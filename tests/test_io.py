@@ -14,6 +14,7 @@ from PIL import Image
 from vqbatch.config import InputConfig, S3Config, load_job_config
 from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputRoot, metadata_schema, prepare_output,
                                 publish, read_manifest, read_metadata, sampled_table, write_shard)
+from vqbatch.io.card import CARD_NAME
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
 from vqbatch.io.images import decode_image, encode_image, image_path, png_bytes
@@ -235,7 +236,7 @@ def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
             stored = decode_image((tmp_path / "out" / row["image"]).read_bytes())
             np.testing.assert_array_equal(stored, image)
     names = sorted(os.listdir(tmp_path / "out"))
-    assert names == sorted([IMAGES_DIR, shard["file"], MANIFEST_NAME, SUCCESS_NAME])  # no temporary files left
+    assert names == sorted([IMAGES_DIR, shard["file"], MANIFEST_NAME, SUCCESS_NAME, CARD_NAME])  # no temporary files
     assert not [name for _, _, files in os.walk(tmp_path / "out") for name in files if name.endswith(".tmp")]
 
 

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vqbatch.config import InputConfig, JobConfig, OutputConfig, S3Config
-from vqbatch.io.card import write_dataset_card
+from vqbatch.io.card import CARD_NAME, write_dataset_card
 from vqbatch.io.filesystems import exists, list_files, read_bytes, resolve, write_bytes_atomically
 from vqbatch.io.formats import (FILE_NAME, FilesFormat, ShardRows, encoded_images, is_shard_name, shard_format,
                                with_hf_features)
@@ -199,7 +199,7 @@ def dataset_parts(location: OutputRoot) -> list[str]:
     """What this layout writes at the root: markers, folders, and the shards of a dataset written without versions."""
     shards = [posixpath.basename(path) for path in list_files(location.filesystem, location.root, recursive=False)
               if is_shard_name(posixpath.basename(path))]
-    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, METADATA_DIR, IMAGES_DIR, VERSIONS_DIR)
+    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, CARD_NAME, METADATA_DIR, IMAGES_DIR, VERSIONS_DIR)
             if exists(location.filesystem, location.path(name))] + shards
 
 
