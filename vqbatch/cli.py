@@ -390,8 +390,6 @@ def add_inspect_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_decode_command(commands: argparse._SubParsersAction) -> None:
-    from vqbatch.choices import IMAGE_FORMATS
-
     parser = commands.add_parser("decode", help="re-render images of chosen ids from their stored tokens with the "
                                                 "dataset's model (no sampling)")
     parser.add_argument("output", metavar="OUTPUT", help="the dataset's output folder or s3:// prefix")

@@ -5,7 +5,7 @@
                                                        lacks, with its seed and status
       -> map_batches(SampleBatches, actor pool)        the model, loaded once per actor: tokens + pixels
       -> map_batches(write_shard, rows_per_file)       CPU tasks: encode images, write files and one metadata file
-      -> driver: progress per metadata file, then the manifest and `_SUCCESS`
+      -> driver: progress (each second from `BatchLedger`, and per metadata file), then the manifest and `_SUCCESS`
 
 Each run writes one version of the dataset (`vqbatch.io.versions`): it skips the rows the output already holds for
 the same generation fingerprint and the rows a killed run of the same version already wrote, and publishes by

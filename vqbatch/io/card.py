@@ -54,7 +54,8 @@ def card_text(manifest: dict, schema: pa.Schema) -> str:
     model, sampling, output = manifest["model"], manifest["sampling"], manifest["output"]
     versions = "\n".join(
         f"| {entry['version']} | {entry['created']} | `{entry['fingerprint']}` | {entry['rows_added']} | "
-        f"{entry['rows_ok']} | {entry['rows_failed']} |" for entry in manifest["versions"]) or "| - | - | - | - | - | - |"
+        f"{entry['rows_ok']} | {entry['rows_failed']} |" for entry in manifest["versions"])
+    versions = versions or "| - | - | - | - | - | - |"  # a dataset written without versions (`vqbatch rerun`)
     parameters = ", ".join(f"`{name}={value}`" for name, value in sampling.items())
     return f"""---
 {header}---
