@@ -32,11 +32,25 @@ def checkpoint(tiny_checkpoint, tmp_path):
     return shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
 
 
+def ray_processes() -> set[int]:
+    """The Ray processes below this one (an earlier test module's Ray may still be shutting down)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)
+            if child.name().startswith(RAY_PROCESS_NAMES)}
+
+
+@pytest.fixture(autouse=True)
+def ray_processes_before_the_test():
+    RAY_BEFORE.clear()
+    RAY_BEFORE.update(ray_processes())
+
+
+RAY_BEFORE: set[int] = set()
+
+
 def assert_no_ray():
-    """Ray was never started: not in this process, and no Ray process below it."""
+    """Ray was never started: not in this process, and no Ray process below it that the test started."""
     assert not ray.is_initialized()
-    children = [child.name() for child in psutil.Process().children(recursive=True)]
-    assert not [name for name in children if name.startswith(RAY_PROCESS_NAMES)], children
+    assert not ray_processes() - RAY_BEFORE
 
 
 def job(model, tmp_path, **sampling):
