@@ -14,7 +14,7 @@ import torch
 from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
-from vqbatch.engine import actor_pool, build_dataset, run_job
+from vqbatch.engine import BatchLedger, actor_pool, build_dataset, run_job
 from vqbatch.io.dataset import OutputRoot, metadata_schema, read_manifest, read_metadata
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image
@@ -118,7 +118,8 @@ def test_the_read_task_also_cuts_the_actor_batches(tmp_path, capsys):
                                   "output": {"uri": str(tmp_path / "out")}})
     inputs = open_input(config.input, config.s3)
     num_gpus, pool = actor_pool(config.compute)
-    build_dataset(config, inputs, num_gpus, pool, plan_version(config, inputs)).explain()
+    ledger = BatchLedger.remote()
+    build_dataset(config, inputs, num_gpus, pool, plan_version(config, inputs), ledger).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "MapBatches(read_pending_rows)->StreamingRepartition" in optimized
 
