@@ -49,7 +49,7 @@ def test_flags_alone_build_a_config_with_defaults():
     ({"output.image_format": "gif"}, "output.image_format", "'gif'", "'png', 'jpeg' or 'webp'"),
     ({"sampling.truncation_rate": 1.5}, "sampling.truncation_rate", "1.5", "less than or equal to 1"),
     ({"model.dtype": "int8"}, "model.dtype", "'int8'", "'float32', 'float16' or 'bfloat16'"),
-    ({"sampling.stepz": 3}, "sampling.stepz", "3", "steps, guidance_scale, truncation_rate"),
+    ({"sampling.stepz": 3}, "sampling.stepz", "unknown field", "steps, guidance_scale, truncation_rate"),
     ({"compute.batch_size": "many"}, "compute.batch_size", "'many'", "valid integer"),
     ({"sampling.guidance_scale": float("inf")}, "sampling.guidance_scale", "inf", "finite number"),
     ({"sampling.guidance_scale": float("nan")}, "sampling.guidance_scale", "nan", "finite number"),
@@ -100,3 +100,21 @@ def test_yaml_rejects_duplicate_keys_and_booleans_for_numbers(tmp_path):
     config = load_job_config(write_yaml(tmp_path, "model: {uri: noop, compile: null}\nsampling: {steps: 7}\n"),
                              REQUIRED)
     assert config.sampling.steps == 7 and config.model.compile is None  # numbers and nulls still load
+
+
+@pytest.mark.parametrize("s3_section", [
+    {"secret_acess_key": "hunter2-secret"},  # a mistyped credential name
+    {"secret_access_key": ["hunter2-secret"]},  # a credential of the wrong type
+    {"access_key_id": {"nested": "hunter2-secret"}},
+])
+def test_a_broken_s3_section_is_reported_without_its_values(tmp_path, s3_section):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**{"input": {"paths": ["p.parquet"]}, "model": {"uri": "noop"},
+                                       "output": {"uri": "out"}}, "s3": s3_section, "s4": {"token": "hunter2-other"}}))
+    with pytest.raises(ValueError) as error:
+        load_job_config(path)
+    message = str(error.value)
+    assert f"s3.{next(iter(s3_section))}" in message and "s4: unknown field" in message
+    assert "hunter2" not in message and "hunter2" not in repr(error.value.__context__)

@@ -21,6 +21,7 @@ NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, f
 # Each image of a prompt is an output row sampled in the same read block; a larger count is taken for a typo (a job
 # wanting more images of one prompt lists the prompt under several ids).
 MAX_IMAGES_PER_PROMPT = 1024
+SECRET_SECTION = "s3"  # the section whose values are never echoed in a problem
 
 
 class Section(BaseModel):
@@ -153,7 +154,7 @@ class S3Config(Section):
 
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL
     region: str | None = None  # else AWS_REGION or AWS_DEFAULT_REGION, else us-east-1
-    access_key_id: str | None = None  # else AWS_ACCESS_KEY_ID
+    access_key_id: SecretStr | None = None  # else AWS_ACCESS_KEY_ID
     secret_access_key: SecretStr | None = None  # else AWS_SECRET_ACCESS_KEY
     session_token: SecretStr | None = None  # else AWS_SESSION_TOKEN
 
@@ -180,10 +181,13 @@ def load_job_config(yaml_path: str | Path | None = None, overrides: Mapping[str,
 
 
 def validate_job_config(settings: Mapping[str, Any]) -> JobConfig:
+    """The config, or a ValueError raised outside the `except` block: pydantic's error, which quotes every value
+    given (credentials too), is not even its hidden context."""
     try:
         return JobConfig.model_validate(settings)
     except ValidationError as error:
-        raise ValueError(describe_problems(error)) from None
+        problems = describe_problems(error)
+    raise ValueError(problems)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -234,13 +238,16 @@ def describe_problems(error: ValidationError) -> str:
 
 
 def describe_problem(problem: Mapping[str, Any]) -> str:
+    """The value given is shown only for known fields outside the `s3` section: an unknown field may be a mistyped
+    credential, and every value in `s3` may be one."""
     location = tuple(str(part) for part in problem["loc"])
     field = ".".join(location) or "<config>"
     if problem["type"] == "extra_forbidden":
-        return f"{field}: unknown field (value {problem['input']!r}); allowed: {', '.join(allowed_fields(location[:-1]))}"
+        return f"{field}: unknown field; allowed: {', '.join(allowed_fields(location[:-1]))}"
     if problem["type"] == "missing":
         return f"{field}: required field is missing"
-    return f"{field}: value {problem['input']!r} is not allowed: {problem['msg']}"
+    shown = "value (not shown)" if location[:1] == (SECRET_SECTION,) else f"value {problem['input']!r}"
+    return f"{field}: {shown} is not allowed: {problem['msg']}"
 
 
 def allowed_fields(section_path: tuple[str, ...]) -> list[str]:

@@ -38,6 +38,7 @@ from vqbatch.io.dataset import (OutputRoot, check_kept_columns, check_output, pr
                                 write_shard)
 from vqbatch.io.filesystems import is_s3
 from vqbatch.io.held import HeldBuckets
+from vqbatch.io.lease import Lease
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.run_stats import run_stats, write_run_stats
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
@@ -185,17 +186,23 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
 
     `on_progress` is called after each metadata file is written and, with `progress_every`, also every that many
     seconds with the images the actors have sampled so far.
+
+    The run holds the output's lease (`vqbatch.io.lease`) from before planning until it has published: a second
+    run on the same output fails at once with `LeaseHeld`, naming the holder.
     """
-    inputs, plan = check_job(config, allow_new_fingerprint)
-    if not plan.pending and not plan.staged:
-        return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
-    started, restarts = time.monotonic(), 0
-    if plan.pending:
-        restarts = sample_version(config, inputs, plan, ProgressReport(plan.pending, on_progress, progress_every),
-                                  ray_address)
-    else:  # a killed run wrote every row: publish its files
-        start_version(plan)
-    manifest = publish_version(plan, inputs.uris, config)
+    inputs = check_sources(config)
+    with Lease(config.output.uri, config.s3) as lease:
+        plan = plan_version(config, inputs, allow_new_fingerprint)
+        if not plan.pending and not plan.staged:
+            return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
+        started, restarts = time.monotonic(), 0
+        if plan.pending:
+            restarts = sample_version(config, inputs, plan,
+                                      ProgressReport(plan.pending, on_progress, progress_every), ray_address)
+        else:  # a killed run wrote every row: publish its files
+            start_version(plan)
+        lease.check()
+        manifest = publish_version(plan, inputs.uris, config)
     added = manifest["versions"][-1]
     return JobSummary(config.output.uri, added["rows_added"], added["rows_ok"], added["rows_failed"],
                       len(added["metadata_files"]), time.monotonic() - started, manifest, plan.version, restarts)
@@ -204,11 +211,17 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
 def check_job(config: JobConfig, allow_new_fingerprint: bool = False) -> tuple[InputFiles, VersionPlan]:
     """Every check a job makes before Ray starts (input, checkpoint, output, fingerprint), and what it would write;
     nothing is written. `vqbatch generate --dry-run` prints it."""
+    inputs = check_sources(config)
+    return inputs, plan_version(config, inputs, allow_new_fingerprint)
+
+
+def check_sources(config: JobConfig) -> InputFiles:
+    """The checks before the output's lease is taken: the input, the checkpoint and the output."""
     check_kept_columns(config.input)
     inputs = open_input(config.input, config.s3)
     check_checkpoint(config.model, config.sampling, config.s3)
     check_output(config.output, config.s3)
-    return inputs, plan_version(config, inputs, allow_new_fingerprint)
+    return inputs
 
 
 def refresh(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,

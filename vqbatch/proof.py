@@ -32,11 +32,12 @@ import pyarrow.compute as pc
 
 from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
 from vqbatch.io.dataset import (METADATA_SCHEMA, OutputRoot, check_output, prepare_output, publish, read_manifest,
-                                rows_digest, sampled_table, write_shard)
+                                sampled_table, write_shard)
 from vqbatch.io.filesystems import resolve, to_uri
 from vqbatch.io.formats import FILE_NAME, shard_format
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.keys import keys_digest
 from vqbatch.io.versions import version_folder
 from vqbatch.io.view import read_dataset
 from vqbatch.sampler import build_model
@@ -222,7 +223,7 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
     if chosen.num_rows == 0:
         raise ValueError(f"no ok rows to rerun: the selection holds {selected.num_rows} row(s), none with "
                          "status 'ok'")
-    into = into or posixpath.join(output_uri.rstrip("/"), RERUNS_DIR, f"rerun-{rows_digest(chosen)}")
+    into = into or posixpath.join(output_uri.rstrip("/"), RERUNS_DIR, f"rerun-{keys_digest(chosen)}")
     config = rerun_config(source, chosen, into, batch_size, overwrite, device)
     check_output(config.output, s3)
     tokens, pixels = regenerate(chosen, source.manifest, batch_size, device)

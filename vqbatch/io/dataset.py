@@ -15,7 +15,6 @@ is complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import posixpath
@@ -34,6 +33,7 @@ from vqbatch.io.formats import (FILE_NAME, FilesFormat, ShardRows, encoded_image
                                with_hf_features)
 from vqbatch.io.images import EXTENSIONS
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.keys import keys_digest
 
 MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
@@ -111,7 +111,7 @@ def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
     settings = config.output
     shard = ShardRows(sampled, encoded_images(sampled, pixel_views(sampled), settings.image_format,
                                               settings.image_quality),
-                      EXTENSIONS[settings.image_format], folder, rows_digest(sampled))
+                      EXTENSIONS[settings.image_format], folder, keys_digest(sampled))
     image_columns = shard_format(settings.format).write_images(output.filesystem, output.root, shard)
     metadata = metadata_table(sampled, image_columns, config)
     write_bytes_atomically(output.filesystem, output.path(shard.metadata_relative), parquet_bytes(metadata))
@@ -151,13 +151,6 @@ def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config
         columns[name] = pa.array([value] * sampled.num_rows, METADATA_SCHEMA.field(name).type)
     return with_hf_features(pa.table({name: columns[name] for name in schema.names}, schema=schema),
                             config.output.format)
-
-
-def rows_digest(metadata: pa.Table) -> str:
-    """16 hex digits naming a metadata file by the (id, image_index) keys it holds."""
-    keys = sorted(zip(metadata.column("id").to_pylist(), metadata.column("image_index").to_pylist()))
-    text = "\n".join(f"{image_index}\t{row_id}" for row_id, image_index in keys)
-    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

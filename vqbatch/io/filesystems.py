@@ -38,21 +38,50 @@ def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
     return S3_SCHEME + path if isinstance(filesystem, pafs.S3FileSystem) else path
 
 
+def s3_settings(s3: S3Config) -> dict:
+    """Endpoint, region and credentials: each `S3Config` field, else its AWS environment variable; None when unset.
+    Every S3 client of vqbatch (input, output, model download, rerun, verify) is built from these."""
+    return {
+        "endpoint": s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        "region": s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "access_key": secret(s3.access_key_id) or os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": secret(s3.secret_access_key) or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "session_token": secret(s3.session_token) or os.environ.get("AWS_SESSION_TOKEN"),
+    }
+
+
 def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
-    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options = dict(
-        region=s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        access_key=s3.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=secret(s3.secret_access_key) or os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=secret(s3.session_token) or os.environ.get("AWS_SESSION_TOKEN"),
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8),
-    )
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    settings = s3_settings(s3)
+    options = dict(region=settings["region"], retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8))
+    if settings["endpoint"]:
+        parsed = urlparse(settings["endpoint"] if "://" in settings["endpoint"] else f"https://{settings['endpoint']}")
         options.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
-    if not options["access_key"]:  # no explicit credentials: let the AWS SDK find them (profile, instance role)
-        options.pop("access_key"), options.pop("secret_key"), options.pop("session_token")
+    if settings["access_key"]:  # else let the AWS SDK find credentials (profile, instance role)
+        options.update(access_key=settings["access_key"], secret_key=settings["secret_key"],
+                       session_token=settings["session_token"])
     return pafs.S3FileSystem(**options)
+
+
+def s3_client(s3: S3Config):
+    """A boto3 S3 client with the same settings as `s3_filesystem`, for what pyarrow cannot do: objects' checksums
+    (`ETag`) and conditional writes (`If-None-Match`)."""
+    import boto3
+    from botocore.config import Config
+
+    settings = s3_settings(s3)
+    endpoint = settings["endpoint"]
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    credentials = ({"aws_access_key_id": settings["access_key"], "aws_secret_access_key": settings["secret_key"],
+                    "aws_session_token": settings["session_token"]} if settings["access_key"] else {})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=settings["region"],
+                        config=Config(retries={"max_attempts": 8, "mode": "adaptive"}), **credentials)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix")."""
+    bucket, _, prefix = uri[len(S3_SCHEME):].partition("/")
+    return bucket, prefix.strip("/")
 
 
 def secret(value) -> str | None:

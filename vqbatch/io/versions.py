@@ -39,11 +39,12 @@ import pyarrow.parquet as pq
 
 from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config
 from vqbatch.hub import cache_root, looks_like_hub_id
-from vqbatch.io.dataset import MANIFEST_NAME, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove, rows_digest
+from vqbatch.io.dataset import MANIFEST_NAME, VERSIONS_DIR, OutputRoot, parquet_bytes, publish, remove
 from vqbatch.io.filesystems import exists, is_s3, list_files, read_bytes, resolve, write_bytes_atomically
 from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.formats import is_metadata_name, is_shard_name, metadata_name, shard_format
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
+from vqbatch.keys import keys_digest
 
 SAMPLER_VERSION = 1  # raise it whenever a code change makes the same settings sample other tokens or images
 FINGERPRINT_NAME = "fingerprint.json"
@@ -374,7 +375,7 @@ def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, plan: V
     """Write the kept rows of a staged shard (its data first, its metadata file last) as a shard named by their
     keys; return its metadata file's relative path."""
     table = pq.read_table(location.path(relative), filesystem=location.filesystem).filter(keep)
-    rewritten = posixpath.join(plan.folder, metadata_name(rows_digest(table)))
+    rewritten = posixpath.join(plan.folder, metadata_name(keys_digest(table)))
     table = shard_format(plan.output_format).rewrite(location.filesystem, location.root, table, relative, rewritten)
     write_bytes_atomically(location.filesystem, location.path(rewritten), parquet_bytes(table))
     return rewritten
