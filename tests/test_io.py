@@ -94,6 +94,18 @@ def test_null_ids_are_a_job_error_naming_each_file_and_its_rows(tmp_path):
     assert "give every row an id or remove those rows" in message
 
 
+def test_empty_whitespace_and_undecodable_ids_are_job_errors_like_null_ids(tmp_path):
+    ids = pa.array([b"a", b"", b" \t", "\u3000".encode(), b"ok\xff", b"b"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ids, "prompt": ["p"] * 6}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError) as error:
+        open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
+    message = str(error.value)
+    assert f"id column 'id' is empty or whitespace-only in 3 row(s) of 1 input file(s), rows counted from 0: " \
+           f"{tmp_path / 'a.parquet'} (3 row(s): 1, 2, 3)" in message
+    assert f"id column 'id' is not valid UTF-8 in 1 row(s) of 1 input file(s), rows counted from 0: " \
+           f"{tmp_path / 'a.parquet'} (1 row(s): 4)" in message
+
+
 def test_unreadable_empty_and_absent_inputs_are_job_errors(tmp_path):
     write_prompts(tmp_path / "ok.parquet", id=["1"], prompt=["p"])
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")

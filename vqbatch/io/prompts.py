@@ -2,8 +2,9 @@
 
 Job-level problems raise a `ValueError` that says what to fix, before any model loads: no files, a file that is not
 Parquet or has a corrupt page (every file's job columns are read once, whole), a missing or mistyped column (a
-Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, null ids and
-duplicate ids. An id is a row's key: it names its images and seeds, and the dataset holds each (id, image index)
+Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, ids that are null,
+empty, whitespace-only or not valid UTF-8 (an undecodable id shown with escaped bytes could equal another row's id),
+and duplicate ids. An id is a row's key: it names its images and seeds, and the dataset holds each (id, image index)
 once. So duplicates are rejected rather than renamed (a renamed duplicate would get seeds and file names that
 depend on which file was read first), and null ids rather than given a stand-in (one made from the file and row
 number would change when the input is moved, renamed or reordered, and a refresh would then add the row again).
@@ -38,7 +39,7 @@ from vqbatch.seeds import SEED_LIMIT, image_seed
 GLOB_CHARACTERS = "*?["
 BATCH_ROWS = 10_000  # input rows read at a time: a huge input file is never in memory whole
 DUPLICATES_SHOWN = 5  # duplicate ids named in the job error
-NULLS_SHOWN = 5  # row numbers per file named in the null-id job error
+UNUSABLE_SHOWN = 5  # row numbers per file named in the unusable-id job error
 INVISIBLE_CATEGORIES = ("Cc", "Cf")  # Unicode control and format characters (NUL, BEL, zero-width space, RTL mark)
 
 # The image rows the sampler receives: one per (input row, image index).
@@ -99,8 +100,8 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
                          "are all empty; give files with at least one prompt")
     inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem),
                         tuple(file_rows))
-    id_hashes, null_rows = read_ids(inputs, config)
-    check_ids_present(null_rows, config, filesystem)
+    id_hashes, unusable = read_ids(inputs, config)
+    check_ids_usable(unusable, config, filesystem)
     check_ids_unique(id_hashes, inputs, config)
     return inputs
 
@@ -164,20 +165,37 @@ def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]
                          "replace or remove it") from None
 
 
-def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[np.ndarray, dict[str, list[int]]]:
-    """Python's hash of every non-null id (8 bytes per row, whatever the ids: the driver stays small for millions of
-    prompts), and per file the row numbers (from 0) of its null ids; reading every job column whole finds corrupt
-    pages before models load."""
+def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[np.ndarray, dict[str, dict[str, list[int]]]]:
+    """Python's hash of every id (8 bytes per row, whatever the ids: the driver stays small for millions of
+    prompts), and per problem (`id_problem`) and file the row numbers (from 0) of the ids that cannot be keys;
+    reading every job column whole finds corrupt pages before models load."""
     hashes: list[np.ndarray] = []
-    null_rows: dict[str, list[int]] = {}
+    unusable: dict[str, dict[str, list[int]]] = {}
     for path in inputs.paths:
-        null_rows[path], start = [], 0
+        start = 0
         for batch in job_column_batches(inputs, config, path):
             keys = id_keys(batch.column(config.id_column))
             hashes.append(np.fromiter((hash(key) for key in keys if key is not None), np.int64))
-            null_rows[path] += [start + row for row, key in enumerate(keys) if key is None]
+            for row, key in enumerate(keys):
+                problem = id_problem(key)
+                if problem:
+                    unusable.setdefault(problem, {}).setdefault(path, []).append(start + row)
             start += batch.num_rows
-    return np.concatenate(hashes), null_rows
+    return np.concatenate(hashes), unusable
+
+
+def id_problem(key) -> str | None:
+    """Why an id (`id_keys`: an int, raw bytes or None) cannot be a row's key, or None."""
+    if key is None:
+        return "null"
+    if isinstance(key, bytes):
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not valid UTF-8"
+        if not text.strip():
+            return "empty or whitespace-only"
+    return None
 
 
 def job_column_batches(inputs: InputFiles, config: InputConfig, path: str) -> Iterator[pa.RecordBatch]:
@@ -201,18 +219,22 @@ def id_keys(column: pa.Array) -> list:
     return column.cast(raw_bytes_type(column.type)).to_pylist() if is_text(column.type) else column.to_pylist()
 
 
-def check_ids_present(null_rows: dict[str, list[int]], config: InputConfig, filesystem: pafs.FileSystem) -> None:
-    """No null id in any file: a row without an id has no key to name its images and seeds by."""
-    files = {to_uri(filesystem, path): rows for path, rows in null_rows.items() if rows}
-    if files:
-        shown = "; ".join(f"{uri} ({len(rows)} row(s): {shortened(rows)})" for uri, rows in files.items())
-        raise ValueError(f"id column {config.id_column!r} is null in {sum(map(len, files.values()))} row(s) of "
-                         f"{len(files)} input file(s), rows counted from 0: {shown}; ids name each row's images "
-                         "and seeds, so give every row an id or remove those rows")
+def check_ids_usable(unusable: dict[str, dict[str, list[int]]], config: InputConfig,
+                     filesystem: pafs.FileSystem) -> None:
+    """Every id is a key: not null, not empty or whitespace-only, valid UTF-8; one line per problem found."""
+    lines = []
+    for problem, rows_by_file in unusable.items():
+        shown = "; ".join(f"{to_uri(filesystem, path)} ({len(rows)} row(s): {shortened(rows)})"
+                          for path, rows in rows_by_file.items())
+        lines.append(f"id column {config.id_column!r} is {problem} in {sum(map(len, rows_by_file.values()))} row(s) "
+                     f"of {len(rows_by_file)} input file(s), rows counted from 0: {shown}")
+    if lines:
+        raise ValueError("; ".join(lines) + "; ids name each row's images and seeds, so give every row an id "
+                         "or remove those rows (an id is an integer or non-blank UTF-8 text)")
 
 
 def shortened(rows: list[int]) -> str:
-    return ", ".join(map(str, rows[:NULLS_SHOWN])) + (", ..." if len(rows) > NULLS_SHOWN else "")
+    return ", ".join(map(str, rows[:UNUSABLE_SHOWN])) + (", ..." if len(rows) > UNUSABLE_SHOWN else "")
 
 
 def check_ids_unique(id_hashes: np.ndarray, inputs: InputFiles, config: InputConfig) -> None:
@@ -318,11 +340,11 @@ def seed_column_present(schemas: dict[str, pa.Schema], config: InputConfig, file
 def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) -> pa.Table:
     """One image row per (input row, image index), with its seed and its status; see `vqbatch.seeds`."""
     assert table.column(config.id_column).null_count == 0, "open_input rejects null ids"
-    ids, id_problems = decoded_column(table.column(config.id_column), "id")
+    ids = table.column(config.id_column).to_pylist()  # valid UTF-8: open_input rejects other ids
     prompts, prompt_problems = decoded_column(table.column(config.prompt_column), "prompt")
     seeds = table.column(config.seed_column).to_pylist() if config.seed_column in table.column_names else None
     rows = [image_row(row_id, prompt, index, seeds[position] if seeds else None, sampling.base_seed,
-                      id_problems[position] or prompt_problems[position])
+                      prompt_problems[position])
             for position, (row_id, prompt) in enumerate(zip(ids, prompts))
             for index in range(sampling.images_per_prompt)]
     image_rows = pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
