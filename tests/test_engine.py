@@ -104,7 +104,7 @@ def check_image_matches_tokens(pipe, row, stored):
 
 def check_row_reproduces_alone(pipe, row):
     alone = pipe([row["prompt"]], num_inference_steps=row["steps"], guidance_scale=row["guidance_scale"],
-                 truncation_rate=row["truncation_rate"], timestep_spacing=row["timestep_spacing"],
+                 truncation_rate=row["truncation_rate"], timestep_spacing=row["timestep_spacing"], noise=row["noise"],
                  generator=torch.Generator().manual_seed(row["seed"]), output_type="latent")
     assert alone.tokens[0].tolist() == row["tokens"], f"row {row['id']}/{row['image_index']} does not reproduce"
 

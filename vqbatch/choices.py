@@ -12,6 +12,9 @@ from typing import Literal, get_args
 # How each reverse step draws the previous tokens: "reference" is VQ-Diffusion's posterior step (diffusers), "purity"
 # Improved VQ-Diffusion's purity prior (vqbatch/schedulers/purity.py).
 Sampler = Literal["reference", "purity"]
+# How a step draws each latent pixel's class: "gumbel" is Gumbel-max with one uniform per class (diffusers' random
+# stream), "categorical" the inverse CDF of one uniform per pixel (the same distribution, C times fewer numbers).
+Noise = Literal["gumbel", "categorical"]
 # Which timesteps a run of N steps visits: "reference" the chain's last N (diffusers), "skip" N spread over it all.
 TimestepSpacing = Literal["reference", "skip"]
 # Weights' and activations' dtype of a loaded model.
@@ -42,6 +45,7 @@ DDPMTimestepSpacing = Literal["leading", "trailing", "linspace"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+NOISES: tuple[str, ...] = get_args(Noise)
 TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
 DTYPES: tuple[str, ...] = get_args(DType)
 DEVICES: tuple[str, ...] = get_args(Device)

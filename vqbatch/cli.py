@@ -66,6 +66,8 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
                                            "purity prior, surest tokens first"),
     ("--prior-weight", "sampling.prior_weight", float, "r of the purity prior, >= 0: sharpens the surest tokens "
                                                        "(default 0; needs --sampler purity)"),
+    ("--noise", "sampling.noise", str, "categorical (one uniform per latent pixel, the same on every device; "
+                                       "default) or gumbel (diffusers' random stream)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
     ("--batch-size", "compute.batch_size", str, "images per actor call (default 8), or auto: the largest batch "
                                                 "that fits --memory-fraction of an actor's memory, measured"),

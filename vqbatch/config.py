@@ -15,7 +15,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from vqbatch.choices import CompileMode, Device, DType, ImageFormat, OutputFormat, OutputMode, Sampler, TimestepSpacing
+from vqbatch.choices import (CompileMode, Device, DType, ImageFormat, Noise, OutputFormat, OutputMode, Sampler,
+                             TimestepSpacing)
 
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
 # Each image of a prompt is an output row sampled in the same read block; a larger count is taken for a typo (a job
@@ -106,6 +107,9 @@ class SamplingConfig(Section):
     # purity: Improved VQ-Diffusion's purity prior, the surest tokens unmasked first and kept (schedulers/purity.py)
     sampler: Sampler = "reference"
     prior_weight: float = Field(0.0, ge=0, allow_inf_nan=False)  # r of the purity prior: sharpens the surest tokens
+    # how each token is drawn: categorical, one uniform per latent pixel from the image's own CPU generator (the same
+    # noise on every device); gumbel, Gumbel-max with one per class (diffusers' random stream, the pipeline default)
+    noise: Noise = "categorical"
     base_seed: int = Field(0, ge=0, lt=2**63)  # seeds of rows without their own seed derive from it
 
     @field_validator("prior_weight")

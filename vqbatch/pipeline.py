@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from vqbatch.choices import COMPILE_MODES, OUTPUT_TYPES, check_choice
+from vqbatch.choices import COMPILE_MODES, NOISES, OUTPUT_TYPES, Noise, check_choice
 from vqbatch.configuration import DIFFUSERS_VERSION, read_json, write_json
 from vqbatch.hub import local_checkpoint
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
@@ -255,7 +255,7 @@ class VQDiffusionPipeline:
                  latents: torch.LongTensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback: Callable[[int, int, torch.LongTensor], None] | None = None,
                  callback_steps: int = 1, timestep_spacing: str = "reference", sampler: str = "reference",
-                 prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> ImagePipelineOutput | tuple:
+                 prior_weight: float = DEFAULT_PRIOR_WEIGHT, noise: Noise = "gumbel") -> ImagePipelineOutput | tuple:
         """Sample `num_images_per_prompt` images per prompt; images are ordered prompt by prompt.
 
         `generator` is one generator for the whole batch (the reference's random stream) or one per image, so that
@@ -266,24 +266,32 @@ class VQDiffusionPipeline:
         token at every step (diffusers' behaviour), "purity" unmasks the tokens the model is surest of first and
         keeps them (Improved VQ-Diffusion's purity prior, `vqbatch.schedulers.purity`), its sampling sharpened by
         `prior_weight` (r >= 0). Returns an `ImagePipelineOutput`, or with `return_dict=False` the tuple `(images,)`
-        as diffusers does (`(tokens,)` for output_type="latent").
+        as diffusers does (`(tokens,)` for output_type="latent"). `noise`: "gumbel" draws each token by Gumbel-max
+        (diffusers' random stream, token for token), "categorical" by inverse CDF from one uniform per latent pixel
+        (the same distribution; the same noise on every device). Generators may live on any device.
+
+        Every input is checked before the loop; the loop itself only queues device work (no reads back to the host),
+        unless `callback` reads the tokens.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size = len(prompts) * num_images_per_prompt
         check_call_arguments(prompts, num_images_per_prompt, output_type, callback_steps, generator, batch_size)
         check_guidance_and_truncation(guidance_scale, truncation_rate)
         check_sampler(sampler, prior_weight)
+        check_choice("noise", noise, NOISES)
         guided = guidance_scale > 1.0
         text = self.text_conditions(prompts, num_images_per_prompt, guided)  # 2B or B rows
         sample = self.initial_tokens(latents, batch_size)  # (B, P)
         scheduler = self.sampling_scheduler(sampler, prior_weight)
         scheduler.set_timesteps(num_inference_steps, device=self.device, spacing=timestep_spacing)
-        for step, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            log_p_x_0 = self.predict_log_p_x_0(sample, text, t, guidance_scale if guided else None)
+        # each timestep as an int for the scheduler and as a device tensor for the model: no read off the device
+        steps = list(zip(scheduler.timestep_values, scheduler.timesteps))
+        for step, (t, t_device) in enumerate(self.progress_bar(steps)):
+            log_p_x_0 = self.predict_log_p_x_0(sample, text, t_device, guidance_scale if guided else None)
             log_p_x_0 = truncate_(log_p_x_0, truncation_rate).clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
-            sample = scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator).prev_sample
+            sample = scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator, noise=noise).prev_sample
             if callback is not None and step % callback_steps == 0:
-                callback(step, t, sample)
+                callback(step, t_device, sample)
         images = None if output_type == "latent" else self.decode_tokens(sample, output_type)
         tokens = sample.cpu()
         output = ImagePipelineOutput(images=images, tokens=tokens)

@@ -44,7 +44,8 @@ from vqbatch.sampler import build_model
 
 RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
 PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing", "sampler",
-                     "prior_weight")  # one sampler each
+                     "prior_weight", "noise")  # one sampler each
+LEGACY_SAMPLING = {"noise": "gumbel"}  # what datasets written before a setting existed were sampled with
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def parameter_groups(rows: pa.Table, manifest: dict,
     for key, positions in groups.items():
         stored = dict(zip(names, key))
         model = ModelConfig(uri=stored.pop("model"), dtype=manifest["model"]["dtype"], device=device)
-        yield (model, SamplingConfig(**{**manifest["sampling"], **stored})), positions
+        yield (model, SamplingConfig(**{**LEGACY_SAMPLING, **manifest["sampling"], **stored})), positions
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

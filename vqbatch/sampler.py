@@ -45,7 +45,7 @@ class PipelineModel:
         output = self.pipe(prompts, num_inference_steps=self.sampling.steps,
                            guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
                            timestep_spacing=self.sampling.timestep_spacing, sampler=self.sampling.sampler,
-                           prior_weight=self.sampling.prior_weight, output_type="latent",
+                           prior_weight=self.sampling.prior_weight, noise=self.sampling.noise, output_type="latent",
                            generator=[torch.Generator().manual_seed(seed) for seed in seeds])
         return output.tokens.cpu().numpy(), self.decode(output.tokens)
 

@@ -59,7 +59,7 @@ METADATA_SCHEMA = pa.schema([
     ("height", pa.int32()), ("width", pa.int32()),
     ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
     ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
-    ("prior_weight", pa.float64()), ("image_format", pa.string()),
+    ("prior_weight", pa.float64()), ("noise", pa.string()), ("image_format", pa.string()),
 ])
 FILE_NAME_FIELD = pa.field(FILE_NAME, pa.string())  # files format: the image's path under the metadata file's folder
 
@@ -142,7 +142,8 @@ def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config
     constants = {"model": config.model.uri, "steps": config.sampling.steps,
                  "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
                  "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
-                 "prior_weight": config.sampling.prior_weight, "image_format": config.output.image_format}
+                 "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
+                 "image_format": config.output.image_format}
     kept = [field for field in sampled.schema if field.name not in SAMPLED_SCHEMA.names]
     schema = metadata_schema(config.output.format, kept)
     columns = {name: sampled.column(name) for name in sampled.column_names if name in schema.names}

@@ -46,7 +46,7 @@ from vqbatch.io.formats import is_metadata_name, is_shard_name, metadata_name, s
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 from vqbatch.keys import keys_digest
 
-SAMPLER_VERSION = 1  # raise it whenever a code change makes the same settings sample other tokens or images
+SAMPLER_VERSION = 2  # raise it whenever a code change makes the same settings sample other tokens or images
 FINGERPRINT_NAME = "fingerprint.json"
 KEY_COLUMNS = ["id", "image_index"]
 CONTENT_HASHED_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # small checkpoint files hashed whole

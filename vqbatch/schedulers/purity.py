@@ -21,20 +21,21 @@ step there is a fixed table for P = 1024 and T = 100 (10 or 11 pixels a step), w
 within one pixel of the running total on the linear γ̄ schedule while also following any `set_timesteps` schedule;
 and the mask class is never drawn (there it has probability e^-70 and the step repeats).
 
-Randomness: each step draws Gumbel noise for every token (B, K, P), then for every pixel's key (B, P), always the same
-amount per image, from `generator` as `VQDiffusionScheduler.step` does: with one generator per image, an image's
-tokens do not depend on the other images of its batch.
+Randomness: each step draws the tokens with the step's `noise` (Gumbel noise for every class (B, K, P), or one
+categorical uniform per pixel (B, 1, P)), then Gumbel noise for every pixel's key (B, P), always the same amount per
+image, from `generator` through `uniform_noise` as `VQDiffusionScheduler.step` does: with one generator per image, an
+image's tokens do not depend on the other images of its batch, and a CPU generator drives a model on any device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Real
+
 import torch
 
-from vqbatch.choices import SAMPLERS, check_choice
-from vqbatch.schedulers.vq_diffusion import LOG_TINY, VQDiffusionScheduler, gumbel_noised
+from vqbatch.choices import SAMPLERS, Noise, check_choice
+from vqbatch.schedulers.vq_diffusion import LOG_TINY, Generators, VQDiffusionScheduler, draw_classes, gumbel_noised
 
 DEFAULT_PRIOR_WEIGHT = 0.0  # r of eq. 11, the official default
 
@@ -66,7 +67,7 @@ def check_sampler(sampler: str, prior_weight: float) -> None:
 
 def log_purity(log_p_x_0: torch.Tensor) -> torch.Tensor:
     """log purity(i) = max_k log p(x_0^i = k | x_t), floored at log(1e-30): (B, K, P) -> (B, P)."""
-    return log_p_x_0.amax(dim=1).clamp(min=LOG_TINY.item())
+    return log_p_x_0.amax(dim=1).clamp(min=LOG_TINY)
 
 
 def sharpened_logits(log_p_x_0: torch.Tensor, log_purity: torch.Tensor, prior_weight: float) -> torch.Tensor:
@@ -76,7 +77,7 @@ def sharpened_logits(log_p_x_0: torch.Tensor, log_purity: torch.Tensor, prior_we
 
 
 def pixels_to_unmask(log_purity: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor,
-                     generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+                     generator: Generators) -> torch.Tensor:
     """Per image b, `counts[b]` masked pixels drawn without replacement with probability ∝ purity: (B, P) bool.
 
     Gumbel-top-n: the pixels whose keys log purity(i) + g_i rank among the n largest of the masked pixels' keys.
@@ -85,14 +86,11 @@ def pixels_to_unmask(log_purity: torch.Tensor, masked: torch.Tensor, counts: tor
     order = keys.argsort(dim=1, descending=True)  # (B, P) pixels by key
     positions = torch.arange(keys.shape[1], device=keys.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(1, order, positions)  # (B, P) each pixel's place in `order`
-    chosen = ranks < counts.unsqueeze(1)
-    assert not (chosen & ~masked).any(), "only masked pixels are unmasked"
-    return chosen
+    return ranks < counts.unsqueeze(1)  # counts <= masked pixels, whose finite keys rank first: only they unmask
 
 
 def purity_prior_step(log_p_x_0: torch.Tensor, x_t: torch.LongTensor, num_left_masked: int, prior_weight: float,
-                      generator: torch.Generator | Sequence[torch.Generator] | None,
-                      mask_class: int) -> torch.LongTensor:
+                      generator: Generators, mask_class: int, noise: Noise = "gumbel") -> torch.LongTensor:
     """x_s: x_t with its surest masked pixels unmasked until `num_left_masked` are left masked (none are added).
 
     log_p_x_0: (B, K, P) the model's log p(x_0 | x_t); x_t: (B, P) tokens, `mask_class` where masked.
@@ -101,7 +99,7 @@ def purity_prior_step(log_p_x_0: torch.Tensor, x_t: torch.LongTensor, num_left_m
     masked = x_t == mask_class  # (B, P)
     counts = (masked.sum(dim=1) - num_left_masked).clamp_(min=0)  # (B,) pixels each image unmasks
     purity = log_purity(log_p_x_0)  # (B, P)
-    tokens = gumbel_noised(sharpened_logits(log_p_x_0, purity, prior_weight), generator).argmax(dim=1)  # (B, P)
+    tokens = draw_classes(sharpened_logits(log_p_x_0, purity, prior_weight), generator, noise, overwrite=True)  # (B, P)
     return torch.where(pixels_to_unmask(purity, masked, counts, generator), tokens, x_t)
 
 
@@ -127,8 +125,8 @@ class PurityPriorScheduler(VQDiffusionScheduler):
         """round(P γ̄_s): of P pixels, how many stay masked once the chain reaches `timestep` (-1, x_0: none)."""
         return round(num_pixels * float(self.gamma_bar[timestep]))
 
-    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
-                         generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int, generator: Generators,
+                         noise: Noise) -> torch.Tensor:
         """x_s by the purity prior: x_t with its surest masked pixels unmasked down to round(P γ̄_s) masked."""
         return purity_prior_step(log_p_x_0, x_t, self.num_left_masked(s, x_t.shape[1]), self.prior_weight,
-                                 generator, self.mask_class)
+                                 generator, self.mask_class, noise)

@@ -23,9 +23,20 @@ Fewer steps than training, `set_timesteps(num_inference_steps, device=None, spac
 steps to t - 1, as the reference's `step` does for any t. At t = 0 it samples the model's prediction of x_0 directly,
 as the reference does.
 
-Randomness: Gumbel-max sampling with noise from `generator`. A single generator draws the whole batch at once, as the
-reference does; a list of generators draws row i from generator i with the shape a batch of one would use, so a row's
-tokens do not depend on the other rows of its batch.
+Randomness, all through `uniform_noise`: a single generator draws the whole batch at once, as the reference does; a
+list of generators draws row i from generator i with the shape a batch of one would use, so a row's tokens do not
+depend on the other rows of its batch. Each generator draws on its own device and the noise then moves to the
+model's, so a CPU generator drives a model on any device. `step(..., noise=...)` picks how a class is drawn from
+the log-probabilities (B, C, P):
+    noise="gumbel"       Gumbel-max, argmax_k (log p_k + g_k) with one uniform per class per pixel: the reference's
+                         random stream, token for token (the default).
+    noise="categorical"  inverse CDF: one uniform u per pixel, the first class whose cumulative probability exceeds
+                         u; the same distribution with C times fewer random numbers (4097x at ITHQ size), so a CPU
+                         generator's noise is cheap to draw and move, and equal whatever device samples it.
+
+`step` checks shapes and dtypes only: reading token values back would stop a GPU once per step. Token values are
+checked where tokens enter (the pipeline's `latents`, `q_posterior`); the tokens `step` returns are valid by
+construction.
 """
 
 from __future__ import annotations
@@ -38,12 +49,12 @@ from typing import NamedTuple
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from vqbatch.choices import TIMESTEP_SPACINGS, TimestepSpacing, check_choice
+from vqbatch.choices import NOISES, TIMESTEP_SPACINGS, Noise, TimestepSpacing, check_choice
 from vqbatch.configuration import ComponentConfig, ConfigOnlyComponent
 from vqbatch.outputs import BaseOutput
 
 TINY = 1e-30  # the probability floor of the reference sampler: log(0) is stored as log(1e-30)
-LOG_TINY = torch.tensor(TINY).log()  # () float32, ≈ -69.08
+LOG_TINY = float(torch.tensor(TINY).log())  # ≈ -69.08, the float32 log as a Python number (no device copy)
 
 
 @dataclass
@@ -138,7 +149,7 @@ def transition_rows(x_t: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
                     mask_class: int) -> TransitionRows:
     masked = (x_t == mask_class).unsqueeze(1)  # (B, 1, P)
     kept = torch.logaddexp(log_a, log_b)  # log(α + β): x_prev = x_t
-    replaced = torch.logaddexp(log_a + LOG_TINY.to(log_a.device), log_b)  # log(α·1e-30 + β) ≈ log β: x_prev != x_t
+    replaced = torch.logaddexp(log_a + LOG_TINY, log_b)  # log(α·1e-30 + β) ≈ log β: x_prev != x_t
     index = x_t.clamp(max=mask_class - 1).unsqueeze(1)  # (B, 1, P)
     return TransitionRows(index, torch.where(masked, log_c, kept), torch.where(masked, log_c, replaced))
 
@@ -152,32 +163,63 @@ def combine_with_rows(source: torch.Tensor, rows: TransitionRows, op: Callable, 
 
 def log_stay_masked(x_t: torch.Tensor, mask_class: int) -> torch.Tensor:
     """log q(x_t | x_prev = mask): 0 where x_t is the mask, the log(0) floor elsewhere."""
-    zero = torch.zeros((), device=x_t.device)
-    return torch.where(x_t == mask_class, zero, LOG_TINY.to(x_t.device)).unsqueeze(1)  # (B, 1, P)
+    return torch.where(x_t == mask_class, 0.0, LOG_TINY).unsqueeze(1)  # (B, 1, P) float32
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Gumbel-max sampling
+# randomness: every draw goes through uniform_noise
 
 
-def uniform_noise(shape: torch.Size, device: torch.device,
-                  generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def uniform_noise(shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators) -> torch.Tensor:
+    """U[0, 1) noise of `shape` on `device`: one generator draws it all, a list draws row i from generator i.
+
+    Each generator draws on its own device (torch refuses a CPU generator for a CUDA tensor); the noise then moves.
+    """
+    noise = torch.empty(shape, device=device)
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(shape, device=device, generator=generator)
+        return draw_into(noise, generator)
     generators = list(generator)
     if len(generators) != shape[0]:
         raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]} rows; "
                          "give one generator per row, or a single generator")
-    noise = torch.empty(shape, device=device)
     for row, row_generator in enumerate(generators):  # each row drawn as a batch of one would draw it
-        torch.rand((1, *shape[1:]), generator=row_generator, out=noise[row:row + 1])
+        draw_into(noise[row:row + 1], row_generator)
     return noise
 
 
-def gumbel_noised(logits: torch.Tensor, generator) -> torch.Tensor:
+def draw_into(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None or generator.device == out.device:
+        return torch.rand(out.shape, generator=generator, out=out)
+    return out.copy_(torch.rand(out.shape, generator=generator, device=generator.device), non_blocking=True)
+
+
+def gumbel_noised(logits: torch.Tensor, generator: Generators) -> torch.Tensor:
     """logits + g with g = -log(-log(u + ε) + ε), u ~ U[0, 1): the reference's floors, computed in place."""
     noise = uniform_noise(logits.shape, logits.device, generator)  # (B, C, P)
     return noise.add_(TINY).log_().neg_().add_(TINY).log_().neg_().add_(logits)
+
+
+def categorical_sample_(log_p: torch.Tensor, generator: Generators) -> torch.LongTensor:
+    """One class per pixel of the log-probabilities `log_p` (B, C, P, unnormalised; overwritten) by inverse CDF.
+
+    u ~ U[0, 1) per pixel; the class is the first k with Σ_{j<=k} p_j > u Σ_j p_j: P(k) = p_k / Σ p, exactly the
+    distribution of Gumbel-max, from one uniform per pixel instead of one per class.
+    """
+    B, C, P = log_p.shape
+    u = uniform_noise((B, 1, P), log_p.device, generator)  # (B, 1, P)
+    cdf = log_p.sub_(log_p.amax(dim=1, keepdim=True)).exp_().cumsum_(dim=1)  # (B, C, P) non-decreasing in k
+    threshold = u.mul_(cdf[:, -1:])  # (B, 1, P) u times the total mass
+    return (cdf <= threshold).sum(dim=1).clamp_(max=C - 1)  # (B, P); the clamp catches u·total rounding up to total
+
+
+def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, overwrite: bool) -> torch.LongTensor:
+    """A class per pixel drawn from `log_p` (B, C, P) with the `noise` method; `overwrite` lets it reuse `log_p`."""
+    if noise == "categorical":
+        return categorical_sample_(log_p if overwrite else log_p.clone(), generator)
+    return gumbel_noised(log_p, generator).argmax(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,9 +273,12 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
 
     def _use_timesteps(self, timesteps: list[int], device: str | torch.device | None) -> None:
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # (n,) decreasing
+        self.timestep_values = timesteps  # the same as ints: a loop that steps with them reads nothing off the device
         self.previous_timesteps = dict(zip(timesteps, timesteps[1:] + [-1]))
         for name in ("log_at", "log_bt", "log_ct", "log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct"):
             setattr(self, name, getattr(self, name).to(device))
+        self.jump_log_probs = {t: tuple(p.to(device) for p in self.transition_log_probs(s, t))
+                               for t, s in self.previous_timesteps.items() if s != t - 1}  # on the device already
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep a step from `timestep` lands on: the next one of the current schedule, or t - 1 for a
@@ -250,6 +295,8 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
     def _step_log_probs(self, s: int, t: int) -> tuple[torch.Tensor, ...]:
         if s == t - 1:
             return self.log_at[t], self.log_bt[t], self.log_ct[t]  # precomputed single steps
+        if self.previous_timesteps.get(t) == s:
+            return self.jump_log_probs[t]  # the schedule's jumps, precomputed by set_timesteps
         return tuple(p.to(self.log_at.device) for p in self.transition_log_probs(s, t))
 
     # -- math ---------------------------------------------------------------------------------------------------------
@@ -317,23 +364,27 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
     # -- sampling -----------------------------------------------------------------------------------------------------
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.LongTensor,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             return_dict: bool = True) -> VQDiffusionSchedulerOutput | tuple[torch.LongTensor]:
+             generator: Generators = None, return_dict: bool = True,
+             noise: Noise = "gumbel") -> VQDiffusionSchedulerOutput | tuple[torch.LongTensor]:
         """Sample the tokens at the previous timestep of the schedule.
 
-        model_output: (B, K, P) log p(x_0 | x_t); sample: (B, P) tokens x_t; generator: one, or one per row.
+        model_output: (B, K, P) log p(x_0 | x_t); sample: (B, P) tokens x_t, their values trusted (see the module
+        docstring); generator: one, or one per row, on any device; noise: "gumbel" or "categorical".
+        Give `timestep` as an int to keep the step free of device reads.
         """
+        check_choice("noise", noise, NOISES)
         t = self._as_timestep(timestep, "timestep")
-        x_t = self._checked_tokens(sample, "sample")
+        x_t = self._checked_token_layout(sample, "sample")
         self._check_model_output(model_output, x_t)
-        prev_sample = self._previous_tokens(model_output, x_t, t, self.previous_timestep(t), generator)
+        prev_sample = self._previous_tokens(model_output, x_t, t, self.previous_timestep(t), generator, noise)
         return VQDiffusionSchedulerOutput(prev_sample) if return_dict else (prev_sample,)
 
-    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
-                         generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    def _previous_tokens(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int, generator: Generators,
+                         noise: Noise) -> torch.Tensor:
         """x_s ~ p_θ(x_s | x_t), eq. 11 with p_θ(x_0 | x_t) (at t = 0, x_0 itself): (B, P) tokens."""
-        log_p = log_p_x_0 if t == 0 else self._posterior(log_p_x_0, x_t, t, s)  # (B, K or K+1, P)
-        return gumbel_noised(log_p, generator).argmax(dim=1)
+        if t == 0:
+            return draw_classes(log_p_x_0, generator, noise, overwrite=False)  # (B, P)
+        return draw_classes(self._posterior(log_p_x_0, x_t, t, s), generator, noise, overwrite=True)
 
     # -- input checks -------------------------------------------------------------------------------------------------
 
@@ -352,10 +403,16 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
                              f"{self.num_train_timesteps}), got {t}")
         return t
 
-    def _checked_tokens(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+    def _checked_token_layout(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        """`tokens` as long, after the checks that need no device read: an integer tensor (B, P)."""
         if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor of shape (batch, pixels), "
                              f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        return tokens.long()
+
+    def _checked_tokens(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        """`_checked_token_layout`, and every value in [0, mask_class] (a device read)."""
+        tokens = self._checked_token_layout(tokens, name)
         low, high = (int(v) for v in torch.aminmax(tokens))
         if low < 0 or high > self.mask_class:
             bad = low if low < 0 else high
