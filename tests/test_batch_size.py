@@ -102,9 +102,12 @@ class FakeModel:
 
     device = "cpu"
 
-    def __init__(self, model, sampling):
+    def __init__(self, model, sampling, batch_shape):
         self.built_with = (model, sampling)
         self.batches = []
+
+    def reshaped(self, batch_shape):
+        return self
 
     def sample(self, prompts, seeds):
         self.batches.append(len(prompts))
@@ -113,8 +116,8 @@ class FakeModel:
 def test_probe_measures_the_actors_model_uncompiled_over_two_steps(monkeypatch):
     built = []
 
-    def build(model, sampling):
-        built.append(FakeModel(model, sampling))
+    def build(model, sampling, batch_shape):
+        built.append(FakeModel(model, sampling, batch_shape))
         return built[-1]
 
     def fake_peak(call, device):
@@ -138,8 +141,8 @@ def test_the_engine_routes_the_compile_mode_to_the_pipeline(tmp_path, monkeypatc
     monkeypatch.setattr(VQDiffusionPipeline, "compile_transformer", lambda pipe, mode: modes.append(mode))
     checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny"))
     config = job(checkpoint)
-    PipelineModel(config.model.model_copy(update={"compile": "reduce-overhead"}), config.sampling)
-    PipelineModel(config.model.model_copy(update={"compile": None}), config.sampling)
+    PipelineModel.load(config.model.model_copy(update={"compile": "reduce-overhead"}), config.sampling, 2)
+    PipelineModel.load(config.model.model_copy(update={"compile": None}), config.sampling, 2)
     assert modes == ["reduce-overhead"]
 
 
@@ -164,5 +167,5 @@ def test_engine_resolves_auto_in_a_ray_task_with_the_tiny_model(local_ray, tmp_p
 
 
 def test_noop_model_gets_the_limit():
-    model = build_model(job("noop").model, job("noop").sampling)
-    assert probe_batch_size(job("noop", batch_size="auto"), lambda m, s: model) == AUTO_BATCH_LIMIT
+    model = build_model(job("noop").model, job("noop").sampling, 1)
+    assert probe_batch_size(job("noop", batch_size="auto"), lambda m, s, b: model) == AUTO_BATCH_LIMIT

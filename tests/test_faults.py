@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory):
 def model(tiny_model):
     config = load_job_config(None, {"input.paths": "x", "model.uri": tiny_model, "output.uri": "o",
                                     **{f"sampling.{key}": value for key, value in SAMPLING.items()}})
-    return PipelineModel(config.model, config.sampling)
+    return PipelineModel.load(config.model, config.sampling, len(PROMPTS))
 
 
 @pytest.fixture(scope="module")

@@ -283,7 +283,7 @@ def test_the_pipeline_rejects_bad_sampler_settings(pipe, arguments, message):
 
 def test_the_engine_samples_with_the_configured_sampler(pipe, checkpoint):
     sampling = SamplingConfig(steps=4, guidance_scale=1.0, sampler="purity", prior_weight=1.0)
-    model = PipelineModel(ModelConfig(uri=str(checkpoint), device="cpu"), sampling)
+    model = PipelineModel.load(ModelConfig(uri=str(checkpoint), device="cpu"), sampling, 2)
     tokens, _ = model.sample(["a red circle", "a blue square"], [3, 4])
     direct = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=1.0, sampler="purity",
                   prior_weight=1.0, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="latent",

@@ -70,6 +70,13 @@ def test_verify_passes_on_an_untouched_dataset(datasets, capsys):
     assert report["passed"] and report["mismatches"] == []
 
 
+def test_verify_samples_at_the_batch_shape_the_dataset_was_made_with(datasets):
+    """The batch-4 dataset verified with --batch-size 1: regenerated at its recorded shape 4 (each call padded),
+    every token and every pixel matches."""
+    report = verify(datasets["batch4_actors2"], sample=100, batch_size=1)
+    assert (report.tokens_matched, report.images_matched) == (OK_ROWS, OK_ROWS) and report.passed
+
+
 def test_verify_draws_the_same_sample_for_the_same_seed(datasets):
     first, again = (verify(datasets["batch1"], sample=3, seed=5, batch_size=1) for _ in range(2))
     keys = [(check.id, check.image_index) for check in first.checks]

@@ -1,8 +1,8 @@
 """The batch size chosen from memory (`compute.batch_size: auto`), measured rather than guessed.
 
 A probe loads the model as an actor does and samples two small batches the way an actor does (two denoising
-steps, then each image decoded), measuring each call's peak memory: the CUDA allocator's peak on a GPU, the
-process's peak resident set (Linux's VmHWM) on a CPU. The two peaks fix a line,
+steps, then the images decoded), each at its own batch shape, measuring each call's peak memory: the CUDA
+allocator's peak on a GPU, the process's peak resident set (Linux's VmHWM) on a CPU. The two peaks fix a line,
 
     peak bytes = fixed + per_image x batch            (fixed: weights, the decoder, the runtime)
 
@@ -136,8 +136,9 @@ def memory_budget(device: torch.device, compute: ComputeConfig) -> float:
 # The probe
 # ---------------------------------------------------------------------------------------------------------------
 
-# Builds the actor's model (`vqbatch.sampler.build_model`): it has `sample(prompts, seeds)` and a `device`.
-ModelBuilder = Callable[[ModelConfig, SamplingConfig], Any]
+# Builds the actor's model (`vqbatch.sampler.build_model`): it has `sample(prompts, seeds)`, `reshaped(batch_shape)`
+# and a `device`.
+ModelBuilder = Callable[[ModelConfig, SamplingConfig, int], Any]
 
 
 def probe_batch_size(config: JobConfig, build_model: ModelBuilder) -> int:
@@ -147,6 +148,8 @@ def probe_batch_size(config: JobConfig, build_model: ModelBuilder) -> int:
     reference schedule of `PROBE_STEPS` steps; the sampling settings that shape memory (guidance) are the job's.
     """
     model = build_model(config.model.model_copy(update={"compile": None}),
-                        config.sampling.model_copy(update={"steps": PROBE_STEPS, "timestep_spacing": "reference"}))
+                        config.sampling.model_copy(update={"steps": PROBE_STEPS, "timestep_spacing": "reference"}),
+                        max(PROBE_BATCHES))
     device = torch.device(model.device)
-    return largest_batch(measure_line(model.sample, device), memory_budget(device, config.compute))
+    line = measure_line(lambda prompts, seeds: model.reshaped(len(prompts)).sample(prompts, seeds), device)
+    return largest_batch(line, memory_budget(device, config.compute))

@@ -69,8 +69,9 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--noise", "sampling.noise", str, "categorical (one uniform per latent pixel, the same on every device; "
                                        "default) or gumbel (diffusers' random stream)"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
-    ("--batch-size", "compute.batch_size", str, "images per actor call (default 8), or auto: the largest batch "
-                                                "that fits --memory-fraction of an actor's memory, measured"),
+    ("--batch-size", "compute.batch_size", str, "images per actor call, each call padded to it (default 8), or "
+                                                "auto: the largest batch that fits --memory-fraction of an actor's "
+                                                "memory, measured"),
     ("--memory-fraction", "compute.memory_fraction", float, "share of an actor's memory --batch-size auto may fill "
                                                           "(default 0.8)"),
     ("--gpus-per-actor", "compute.gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
@@ -288,7 +289,8 @@ def add_rerun_command(commands: argparse._SubParsersAction) -> None:
                                                           "e.g. \"image_index == 0 and id in ('a', 'b')\"")
     parser.add_argument("--into", metavar="URI", help="where to write the rerun (default: "
                                                       "<output>/reruns/rerun-<digest of the chosen rows>)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch shape for datasets that recorded none "
+                        "(default 8); others are sampled at the shape they were made with")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at the rerun folder")
     add_threads_flag(parser)
 
@@ -314,7 +316,8 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, help="the dataset's output folder or s3:// prefix")
     parser.add_argument("--sample", type=int, required=True, metavar="N", help="rows to regenerate (all if fewer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of rows (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch shape for datasets that recorded none "
+                        "(default 8); others are sampled at the shape they were made with")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_threads_flag(parser)
 

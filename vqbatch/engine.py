@@ -17,7 +17,6 @@ model loads (`open_input`, `prepare_output`, `vqbatch.preflight.check_checkpoint
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -66,7 +66,8 @@ class SampleBatches:
         self.actor = context.get_actor_id()
         if context.was_current_actor_reconstructed:  # Ray restarted this actor after its process died
             ledger.actor_restarted.remote()
-        self.sampler = ResilientSampler(functools.partial(sample_rows, build_model(config.model, config.sampling)))
+        self.model = build_model(config.model, config.sampling, config.compute.batch_size)
+        self.sampler = ResilientSampler(self.sample_rows)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         batch = batch_key(rows)
@@ -93,6 +94,12 @@ class SampleBatches:
         rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
         rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         return sampled_table(rows, tokens, pixels, truncated)
+
+    def sample_rows(self, prompts: list[str], seeds: list[int]) -> list[tuple[list[int], np.ndarray, bool | None]]:
+        """The rows sampled at the job's batch shape; once memory ran out, at the smaller batch the sampler now
+        uses (a new shape: on a GPU those rows may then differ from a rerun at the job's shape)."""
+        shape = min(self.model.batch_shape, self.sampler.max_batch or self.model.batch_shape)
+        return sample_rows(self.model.reshaped(shape), prompts, seeds)
 
 
 MAX_BATCH_ATTEMPTS = 4  # a batch is sampled at most this often: its first try and 3 more after actors died on it
@@ -197,8 +204,9 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
             return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
         started, restarts = time.monotonic(), 0
         if plan.pending:
-            restarts = sample_version(config, inputs, plan,
-                                      ProgressReport(plan.pending, on_progress, progress_every), ray_address)
+            config, restarts = sample_version(config, inputs, plan,
+                                              ProgressReport(plan.pending, on_progress, progress_every),
+                                              ray_address)  # `auto` batch size resolved
         else:  # a killed run wrote every row: publish its files
             start_version(plan)
         lease.check()
@@ -233,9 +241,10 @@ def refresh(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
 
 
 def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan, report: "ProgressReport",
-                   ray_address: str | None) -> int:
+                   ray_address: str | None) -> tuple[JobConfig, int]:
     """Start Ray, ready the output and the version's folder, and write the pending rows' files into it; record how
-    the actors went (`vqbatch.io.run_stats`) and return how many times an actor was restarted."""
+    the actors went (`vqbatch.io.run_stats`). Returns `config` with the batch size the run sampled at (`auto`
+    resolved) and how many times an actor was restarted."""
     connect_ray(ray_address)
     check_output_reachable(config.output)
     num_gpus, pool = actor_pool(config.compute)
@@ -250,7 +259,7 @@ def sample_version(config: JobConfig, inputs: InputFiles, plan: VersionPlan, rep
     restarts, timeline = ray.get([ledger.restarts.remote(), ledger.timeline.remote()])
     write_run_stats(OutputRoot.of(config.output, config.s3), plan.folder, run_stats(started, timeline, restarts))
     ray.kill(ledger)
-    return restarts
+    return config, restarts
 
 
 class ProgressReport:

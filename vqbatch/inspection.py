@@ -25,6 +25,7 @@ from PIL import Image
 from vqbatch.choices import IMAGE_FORMATS, check_choice
 from vqbatch.config import ModelConfig, S3Config
 from vqbatch.io.images import EXTENSIONS, encode_image
+from vqbatch.io.versions import recorded_batch_shape
 from vqbatch.proof import StoredDataset, rows_with_ids
 from vqbatch.report import model_text, settings_text
 
@@ -135,7 +136,7 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     for model_uri in sorted(set(rows.column("model").to_pylist())):
         same_model = rows.filter(pc.field("model") == model_uri).to_pylist()
         tokens = torch.as_tensor(np.array([row["tokens"] for row in same_model], np.int64))  # (N, P)
-        pixels = load_decoder(model_uri, dataset.manifest["model"]["dtype"], device).decode(tokens)
+        pixels = load_decoder(model_uri, dataset.manifest, device).decode(tokens)
         for row, image in zip(same_model, pixels):
             chosen = image_format or row["image_format"]
             path = folder / f"{file_stem(row['id'])}_{row['image_index']}.{EXTENSIONS[chosen]}"
@@ -144,11 +145,13 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     return written
 
 
-def load_decoder(model_uri: str, dtype: str, device: str):
-    """The engine's own model class: its `decode` is the code that made the stored images."""
+def load_decoder(model_uri: str, manifest: dict, device: str):
+    """The engine's own model class at the dataset's batch shape: its `decode` is the code that made the stored
+    images (datasets that recorded no shape decoded each image alone)."""
     from vqbatch.sampler import PipelineModel
 
-    return PipelineModel(ModelConfig(uri=model_uri, dtype=dtype, device=device), sampling=None)
+    model = ModelConfig(uri=model_uri, dtype=manifest["model"]["dtype"], device=device)
+    return PipelineModel.load(model, sampling=None, batch_shape=recorded_batch_shape(manifest) or 1)
 
 
 def resized(pixels: np.ndarray, size: int | None) -> np.ndarray:  # (H, W, 3) uint8

@@ -38,7 +38,7 @@ from vqbatch.io.formats import FILE_NAME, shard_format
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.keys import keys_digest
-from vqbatch.io.versions import version_folder
+from vqbatch.io.versions import recorded_batch_shape, version_folder
 from vqbatch.io.view import read_dataset
 from vqbatch.sampler import build_model
 
@@ -162,16 +162,18 @@ def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
     """Tokens (P,) and pixels (H, W, 3) uint8 of each ok row of `rows`, in row order, from its stored seed.
 
     Rows are grouped by their stored model and sampling parameters; each group loads the engine's sampler once
-    and samples its rows `batch_size` at a time.
+    and samples its rows at the batch shape the dataset was sampled at (`batch_size` for datasets that did not
+    record one), each call padded to that shape as the engine's were.
     """
     assert set(rows.column("status").to_pylist()) <= {"ok"}, "only ok rows have a seed to regenerate from"
     if batch_size < 1:
         raise ValueError(f"batch size must be a positive number of images, got {batch_size}")
+    batch_shape = recorded_batch_shape(manifest) or batch_size
     tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
     prompts, seeds = rows.column("prompt").to_pylist(), rows.column("seed").to_pylist()
     for (model, sampling), positions in parameter_groups(rows, manifest, device):
-        sampler = build_model(model, sampling)  # the engine's own sampler: the code path that made the dataset
-        for batch in chunks(positions, batch_size):
+        sampler = build_model(model, sampling, batch_shape)  # the engine's sampler: the code that made the dataset
+        for batch in chunks(positions, batch_shape):
             batch_tokens, batch_pixels = sampler.sample([prompts[i] for i in batch], [seeds[i] for i in batch])
             for position, row_tokens, image in zip(batch, batch_tokens, batch_pixels):
                 tokens[position], pixels[position] = row_tokens, image
@@ -255,7 +257,7 @@ def rerun_config(source: StoredDataset, chosen: pa.Table, into: str, batch_size:
     (model, sampling), _ = groups[0]
     output = OutputConfig(**{**source.manifest["output"], "uri": into, "mode": "overwrite" if overwrite else "error"})
     return JobConfig(input={"paths": source.metadata_uris}, model=model, sampling=sampling,
-                     compute={"batch_size": batch_size}, output=output)
+                     compute={"batch_size": recorded_batch_shape(source.manifest) or batch_size}, output=output)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ the files of every version with the current fingerprint, so readers see each key
 version with its own files, counts, input files and fingerprint.
 
 The fingerprint is what decides the sampled tokens and images: the model's identity (its config files' contents
-and its weight files' sizes, or the hub revision), the dtype, the sampling parameters, the image encoding, and the
-sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
+and its weight files' sizes, or the hub revision), the dtype, the sampling parameters, the batch shape every model
+call is padded to (`compute.batch_size` and the decode batch it implies, `vqbatch.sampler`), the image encoding,
+and the sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
 images per prompt are more keys. A refresh under a changed fingerprint is refused unless allowed; allowed, it
 generates every key again as a new version, and the older versions stay on disk and in the history.
 """
@@ -45,6 +46,7 @@ from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.formats import is_metadata_name, is_shard_name, metadata_name, shard_format
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 from vqbatch.keys import keys_digest
+from vqbatch.sampler import DECODE_BATCH
 
 SAMPLER_VERSION = 2  # raise it whenever a code change makes the same settings sample other tokens or images
 FINGERPRINT_NAME = "fingerprint.json"
@@ -75,8 +77,24 @@ def generation_fingerprint(config: JobConfig) -> Fingerprint:
     encoding = {"image_format": config.output.image_format, "image_quality": config.output.image_quality,
                 "format": config.output.format}
     return Fingerprint({"model": {**model_identity(config.model, config.s3), "dtype": config.model.dtype},
-                        "sampling": sampling, "encoding": encoding,
+                        "sampling": sampling, "shape": batch_shape_part(config.compute.batch_size),
+                        "encoding": encoding,
                         "code": {"vqbatch": vqbatch.__version__, "sampler": SAMPLER_VERSION}})
+
+
+def batch_shape_part(batch_size: int | str) -> dict:
+    """The shape of every model call: the batch size (or "auto", decided per run from memory) and the decode batch."""
+    if batch_size == "auto":
+        return {"batch_size": "auto"}
+    return {"batch_size": batch_size, "decode_batch": min(DECODE_BATCH, batch_size)}
+
+
+def recorded_batch_shape(manifest: dict) -> int | None:
+    """The batch shape the dataset's current rows were sampled at: from the latest version's fingerprint, else
+    (`auto`) the size that run chose; None for datasets written before vqbatch recorded it."""
+    latest = manifest["versions"][-1] if manifest.get("versions") else {}
+    shape = latest.get("fingerprint_parts", {}).get("shape", {}).get("batch_size")
+    return shape if isinstance(shape, int) else latest.get("batch_size")
 
 
 def model_identity(model: ModelConfig, s3: S3Config) -> dict:
@@ -296,7 +314,7 @@ def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig)
              "fingerprint": plan.fingerprint.digest, "fingerprint_parts": plan.fingerprint.parts,
              "rows_added": sum(shard["rows"] for shard in shards), "rows_ok": sum(shard["ok"] for shard in shards),
              "rows_failed": sum(shard["errors"] for shard in shards), "input_files": input_uris,
-             "metadata_files": shards}
+             "batch_size": config.compute.batch_size, "metadata_files": shards}
     versions = (*plan.history, entry)
     return publish(plan.location, current_shards(versions, plan.fingerprint), input_uris, config,
                    versions=list(versions))
