@@ -6,6 +6,9 @@ One denoising step at batch `batch` (2 x batch rows with guidance), on the same 
     guidance      combining the two halves in log space (reference: new tensors; vqbatch: in place)
     truncate      keeping the classes within the truncation mass (reference: two sorts; vqbatch: one sort)
     scheduler     one reverse step p(x_{t-1} | x_t) with Gumbel sampling, in the middle of the chain
+    scheduler at ITHQ size, 4097 classes x 1024 pixels, batch 8 (synthetic log p(x_0 | x_t), whatever `--config`):
+                  the reference's step against vqbatch's with Gumbel noise (same tokens) and with categorical noise
+                  (one uniform per pixel; same distribution, other tokens: checked that every drawn class is possible)
     text          conditioning `batch` images that repeat one prompt (reference: encodes each; vqbatch: once)
 Each part checks that both sides give the same result (tokens equal, tensors equal or within 1e-5).
 """
@@ -20,6 +23,9 @@ import torch
 from benchmarks.pipelines import SIZES, distinct_prompts, pipeline_pair
 from benchmarks.report import Report, machine, median, timing_of
 from vqbatch.pipeline import encode_prompts, guide_, truncate
+from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler
+
+ITHQ_STEP = dict(num_classes=4097, pixels=1024, batch=8)  # the scheduler step of microsoft/vq-diffusion-ithq
 
 TRUNCATION_RATE, GUIDANCE_SCALE = 0.86, 5.0
 
@@ -78,6 +84,44 @@ def step_inputs(ours, batch: int, seed: int, t: torch.Tensor):
     return sample, text, text_cache, log_p
 
 
+def ithq_step_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t (B, P) half masked, a truncated log p(x_0 | x_t) (B, K, P) as the pipeline hands it on, and t."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, pixels, batch = ITHQ_STEP["num_classes"], ITHQ_STEP["pixels"], ITHQ_STEP["batch"]
+    tokens = torch.randint(0, classes - 1, (batch, pixels), generator=generator)
+    masked = torch.rand((batch, pixels), generator=generator) < 0.5
+    log_p = truncate((3 * torch.randn((batch, classes - 1, pixels), generator=generator)).log_softmax(dim=1),
+                     TRUNCATION_RATE).clamp_(min=-70.0)
+    return tokens.masked_fill(masked, classes - 1), log_p, torch.tensor(50)
+
+
+def ithq_scheduler_rows(repeats: int, seed: int) -> list[dict]:
+    """The reference's step against vqbatch's with each noise, at ITHQ size."""
+    from diffusers import VQDiffusionScheduler as ReferenceScheduler
+
+    sample, log_p, t = ithq_step_inputs(seed)
+    ours, reference = VQDiffusionScheduler(ITHQ_STEP["num_classes"]), ReferenceScheduler(ITHQ_STEP["num_classes"])
+    ours.set_timesteps(100)
+    reference.set_timesteps(100)
+    posterior = ours.q_posterior(log_p, sample, int(t))  # (B, K + 1, P)
+
+    def reference_step():
+        return reference.step(log_p, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+
+    def our_step(noise):
+        return lambda: ours.step(log_p, int(t), sample, generator=torch.Generator().manual_seed(1),
+                                 noise=noise).prev_sample
+
+    def possible(_, tokens):  # every drawn class above the log-zero floor of the posterior
+        return bool((posterior.gather(1, tokens.unsqueeze(1)) > -60).all())
+
+    shape = "{num_classes} classes x {pixels} pixels, batch {batch}".format(**ITHQ_STEP)
+    return [compare("scheduler ITHQ gumbel", reference_step, our_step("gumbel"), torch.equal, repeats,
+                    f"{shape}, t = {int(t)}: Gumbel noise, one uniform per class"),
+            compare("scheduler ITHQ categorical", reference_step, our_step("categorical"), possible, repeats,
+                    f"{shape}: categorical noise, one uniform per pixel (same_result: every drawn class possible)")]
+
+
 @torch.no_grad()
 def run(settings: Settings) -> Report:
     size = SIZES[settings.size]
@@ -111,6 +155,7 @@ def run(settings: Settings) -> Report:
         compare("text", lambda: reference._encode_prompt(repeated, 1, True),
                 lambda: ours.text_conditions(repeated, 1, guided=True), same_first_keys(ours), repeats,
                 f"{batch} images of one prompt, guided (same_result: first block's cross-attention keys)"),
+        *ithq_scheduler_rows(repeats, settings.seed),
     ]
     report = Report("parts", asdict(settings), where, columns=[
         "part", "reference_ms", "vqbatch_ms", "speedup", "speedup_cpu_time", "same_result", "what"], rows=rows)

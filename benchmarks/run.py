@@ -1,4 +1,4 @@
-"""Run one benchmark: `python -m benchmarks.run <model|sampler|parts|engine|dataplane|quality> [options]`.
+"""Run one benchmark: `python -m benchmarks.run <model|sampler|parts|engine|dataplane|quality|gpu> [options]`.
 
 Each prints its results as JSON and as a markdown table and writes both to `--out` as `<name>-<config>.json|.md`.
 Defaults per `--config` keep the small runs to minutes on a 2-core CPU; see docs/performance.md.
@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--prior-weight", type=float, default=1.0, help="the purity sampler's prior_weight")
     quality.add_argument("--batch", type=int, default=50, help="images per pipeline call")
     quality.add_argument("--seed", type=int, default=0, help="image i is sampled with seed + i")
+    gpu = benchmarks.add_parser("gpu", help="on a GPU machine, without Ray: the gpu tests, speed and MFU against "
+                                            "diffusers, tokens across batch shapes, peak memory")
+    add_common(gpu, sizes=False)
+    gpu.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    gpu.add_argument("--size", choices=sorted(DEFAULTS), default="ithq", help="model architecture (default ithq)")
+    gpu.add_argument("--dtypes", help="comma-separated (default float16,bfloat16 on cuda, float32 on cpu)")
+    gpu.add_argument("--batch-sizes", type=integers, help="comma-separated (default 1,8,32 on cuda, 1,2 on cpu)")
+    gpu.add_argument("--step-counts", type=integers, help="the two timed step counts (default 2,6 on cuda, 1,2 on cpu)")
+    gpu.add_argument("--invariance-images", type=int, help="images of the batch-shape check (default 8, 2 on cpu)")
+    gpu.add_argument("--invariance-steps", type=int, help="their steps (default 10, 2 on cpu)")
+    gpu.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: known GPUs' table)")
+    gpu.add_argument("--seed", type=int, default=0)
+    gpu.add_argument("--no-tests", action="store_true", help="skip (a), the tests marked gpu")
     return parser
 
 
@@ -212,8 +225,24 @@ def run_quality(args: argparse.Namespace):
     return quality.run(settings), "quality"
 
 
+def run_gpu(args: argparse.Namespace):
+    from benchmarks import gpu
+
+    on_gpu = args.device.startswith("cuda")
+    step_counts = args.step_counts or ((2, 6) if on_gpu else (1, 2))
+    if len(step_counts) != 2 or step_counts[0] >= step_counts[1]:
+        raise SystemExit(f"--step-counts takes two increasing counts, e.g. 2,6; got {step_counts}")
+    settings = gpu.Settings(size=args.size, device=args.device,
+                            dtypes=tuple((args.dtypes or ("float16,bfloat16" if on_gpu else "float32")).split(",")),
+                            batch_sizes=args.batch_sizes or ((1, 8, 32) if on_gpu else (1, 2)),
+                            step_counts=step_counts, invariance_images=args.invariance_images or (8 if on_gpu else 2),
+                            invariance_steps=args.invariance_steps or (10 if on_gpu else 2),
+                            peak_tflops=args.peak_tflops, seed=args.seed, run_tests=not args.no_tests)
+    return gpu.run(settings), f"gpu-{args.size}-{args.device.split(':')[0]}"
+
+
 RUNNERS = {"model": run_model, "sampler": run_sampler, "parts": run_parts, "engine": run_engine,
-           "dataplane": run_dataplane, "quality": run_quality}
+           "dataplane": run_dataplane, "quality": run_quality, "gpu": run_gpu}
 
 if __name__ == "__main__":
     main()

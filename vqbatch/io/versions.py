@@ -17,8 +17,8 @@ version with its own files, counts, input files and fingerprint.
 The fingerprint is what decides the sampled tokens and images: the model's identity (its config files' contents
 and its weight files' sizes, or the hub revision), the dtype, the sampling parameters, the batch shape every model
 call is padded to (`compute.batch_size` and the decode batch it implies, `vqbatch.sampler`), the image encoding,
-and the sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
-images per prompt are more keys. A refresh under a changed fingerprint is refused unless allowed; allowed, it
+and the sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of
+it: more images per prompt are more keys. A refresh under a changed fingerprint is refused unless allowed; allowed, it
 generates every key again as a new version, and the older versions stay on disk and in the history.
 """
 

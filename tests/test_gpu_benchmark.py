@@ -1,0 +1,53 @@
+"""`python -m benchmarks.run gpu`: its CPU smoke run (`--device cpu --size small`), where Ray, boto3 and psutil cannot
+be imported, as on a GPU machine that has only torch, transformers, safetensors, pyarrow, numpy, pillow and the
+carried wheels. Timings are not checked; the structure, the gpu tests' outcome and the batch-shape counts are."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu import transformer_flops_per_step
+from benchmarks.pipelines import SIZES
+
+ROOT = Path(__file__).resolve().parent.parent
+ABSENT = ("ray", "boto3", "botocore", "psutil", "moto")  # installed here, not on the GPU machine
+WITHOUT_THEM = f"""
+import importlib.abc, runpy, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["benchmarks.run", *sys.argv[1:]]
+runpy.run_module("benchmarks.run", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_the_cpu_smoke_run_writes_every_section_without_ray(tmp_path):
+    arguments = ["gpu", "--device", "cpu", "--size", "small", "--batch-sizes", "1", "--step-counts", "1,2",
+                 "--invariance-images", "2", "--invariance-steps", "1", "--threads", "1", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, *arguments], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu-small-cpu.json").read_text())
+    assert [(row["pipeline"], row["batch"], row["dtype"]) for row in result["rows"]] == \
+        [("vqbatch", 1, "float32"), ("diffusers", 1, "float32")]
+    for row in result["rows"]:
+        assert "error" not in row and row["images_per_s"] > 0 and row["peak_memory_gib"] > 0
+        assert row["mfu"] is None  # no known peak for a CPU
+    tests = result["summary"]["tests"]
+    assert tests["exit_status"] in (0, 5) and tests.get("skipped", 0) >= 4 and "failed" not in tests  # no CUDA
+    invariance = result["summary"]["invariance"]["float32"]
+    assert invariance["images"] == 2
+    assert invariance["padded_tokens_equal"] == invariance["padded_pixels_equal"] == 2  # one shape: the same bits
+    assert "speedup vs diffusers" in (tmp_path / "gpu-small-cpu.md").read_text()
+
+
+def test_flops_are_counted_per_guided_step_and_grow_with_the_batch():
+    one, eight = (transformer_flops_per_step(SIZES["small"], batch) for batch in (1, 8))
+    parameters_flops = 2 * 2 * SIZES["small"].latent_side ** 2 * 8 * 12 * 512 ** 2  # rough: 2 rows, 8 blocks
+    assert eight == pytest.approx(8 * one, rel=0.01) and one > parameters_flops / 4
