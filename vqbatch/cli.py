@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, SAMPLERS, TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS,
-                             TRAIN_DTYPES)
+from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, NOISES, SAMPLERS, TIMESTEP_SAMPLINGS,
+                             TIMESTEP_SPACINGS, TRAIN_DTYPES)
 
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
@@ -66,8 +66,8 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
                                            "purity prior, surest tokens first"),
     ("--prior-weight", "sampling.prior_weight", float, "r of the purity prior, >= 0: sharpens the surest tokens "
                                                        "(default 0; needs --sampler purity)"),
-    ("--noise", "sampling.noise", str, "categorical (one uniform per latent pixel, the same on every device; "
-                                       "default) or gumbel (diffusers' random stream)"),
+    ("--noise", "sampling.noise", str, "categorical: one uniform per latent pixel, the same on every device "
+                                       "(default); gumbel: diffusers' random stream"),
     ("--seed", "sampling.base_seed", int, "base seed of rows without their own seed (default 0)"),
     ("--batch-size", "compute.batch_size", str, "images per actor call, each call padded to it (default 8), or "
                                                 "auto: the largest batch that fits --memory-fraction of an actor's "
@@ -143,7 +143,7 @@ def add_refresh_command(commands: argparse._SubParsersAction) -> None:
 
 # the flags whose values are one of a list (vqbatch/choices.py): argparse names the flag, the value and the list
 FLAG_CHOICES = {"sampling.timestep_spacing": TIMESTEP_SPACINGS, "sampling.sampler": SAMPLERS, "model.dtype": DTYPES,
-                "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS}
+                "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS, "sampling.noise": NOISES}
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
