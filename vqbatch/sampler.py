@@ -20,10 +20,15 @@ and `verify` regenerate it by sampling at the dataset's batch shape (recorded in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from vqbatch.config import NOOP_MODEL, ModelConfig, SamplingConfig
 from vqbatch.io.images import to_uint8
+
+if TYPE_CHECKING:  # torch loads only where a model samples: not in Ray's read and write workers
+    import torch
 
 NOOP_IMAGE_SIZE = 8  # the no-op model's images are NOOP_IMAGE_SIZE x NOOP_IMAGE_SIZE mid-grey squares
 NOOP_LATENT_PIXELS = 16  # and its tokens are this many zeros
