@@ -3,8 +3,10 @@ be imported, as on a GPU machine that has only torch, transformers, safetensors,
 carried wheels. Timings are not checked; the structure, the gpu tests' outcome and the batch-shape counts are."""
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,24 +16,28 @@ from benchmarks.pipelines import SIZES
 
 ROOT = Path(__file__).resolve().parent.parent
 ABSENT = ("ray", "boto3", "botocore", "psutil", "moto")  # installed here, not on the GPU machine
-WITHOUT_THEM = f"""
-import importlib.abc, runpy, sys
-class Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
-sys.meta_path.insert(0, Absent())
-sys.argv = ["benchmarks.run", *sys.argv[1:]]
-runpy.run_module("benchmarks.run", run_name="__main__")
-"""
+
+
+def site_packages_without(absent: tuple[str, ...], into: Path) -> Path:
+    """A folder of links to every installed package but `absent` (and their metadata), so a Python started with
+    `-S` and this folder on its path finds them truly missing, as probes like `importlib.util.find_spec` expect."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    into.mkdir()
+    for entry in site.iterdir():
+        top = entry.name.split("-")[0].split(".")[0].lower()
+        if top not in absent and not entry.name.endswith(".pth"):
+            (into / entry.name).symlink_to(entry)
+    return into
 
 
 @pytest.mark.slow
 def test_the_cpu_smoke_run_writes_every_section_without_ray(tmp_path):
     arguments = ["gpu", "--device", "cpu", "--size", "small", "--batch-sizes", "1", "--step-counts", "1,2",
                  "--invariance-images", "2", "--invariance-steps", "1", "--threads", "1", "--out", str(tmp_path)]
-    done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, *arguments], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1500)
+    packages = site_packages_without(ABSENT, tmp_path / "site-packages")
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{packages}"}
+    done = subprocess.run([sys.executable, "-S", "-m", "benchmarks.run", *arguments], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu-small-cpu.json").read_text())
     assert [(row["pipeline"], row["batch"], row["dtype"]) for row in result["rows"]] == \
