@@ -217,7 +217,8 @@ def test_each_row_records_its_sampler_and_a_rerun_uses_it():
     config = load_job_config(None, {**JOB, "sampling.sampler": "purity", "sampling.prior_weight": 0.5})
     rows = pa.table({"id": ["a"], "prompt": ["a red circle"], "image_index": [0], "seed": [7], "status": ["ok"],
                      "error": [None]}, schema=IMAGE_ROW_SCHEMA)
-    metadata = metadata_table(sampled_table(rows, [[1, 2]], [np.zeros((2, 2, 3), np.uint8)]), ["a.png"], config)
+    image_columns = {"image": pa.array(["a.png"]), "file_name": pa.array(["a.png"])}  # the files format's columns
+    metadata = metadata_table(sampled_table(rows, [[1, 2]], [np.zeros((2, 2, 3), np.uint8)]), image_columns, config)
     assert metadata.select(["sampler", "prior_weight"]).to_pylist() == [{"sampler": "purity", "prior_weight": 0.5}]
     manifest = {"model": {"dtype": "float32"}, "sampling": SamplingConfig().model_dump(mode="json")}
     [((_, sampling), positions)] = parameter_groups(metadata, manifest, "cpu")
