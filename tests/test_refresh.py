@@ -80,12 +80,14 @@ def test_refresh_adds_exactly_the_new_rows_then_nothing_and_refuses_a_changed_fi
     manifest_bytes = (output / "manifest.json").read_bytes()
     capsys.readouterr()
     code = main(["refresh", "--input", first, "--input", second, "--output", str(output), "--model", tiny_model,
-                 "--steps", "2", "--images-per-prompt", "2", "--rows-per-file", "3", "--num-actors", "1"])
+                 "--steps", "2", "--images-per-prompt", "2", "--rows-per-file", "3", "--num-actors", "1",
+                 "--batch-size", "4"])
     assert code == 0 and "nothing to add" in capsys.readouterr().out
     assert (output / "manifest.json").read_bytes() == manifest_bytes and not (output / "versions" / "v0003").exists()
 
     code = main(["refresh", "--input", first, "--input", second, "--output", str(output), "--model", tiny_model,
-                 "--steps", "3", "--images-per-prompt", "2", "--rows-per-file", "3", "--num-actors", "1"])
+                 "--steps", "3", "--images-per-prompt", "2", "--rows-per-file", "3", "--num-actors", "1",
+                 "--batch-size", "4"])
     error = capsys.readouterr().err
     assert code == 2 and "fingerprint changed" in error and "sampling.steps: 2 -> 3" in error
     assert "--allow-new-fingerprint" in error and (output / "manifest.json").read_bytes() == manifest_bytes

@@ -111,9 +111,12 @@ class LocalLeaseStore:
 
     def __init__(self, root: str):
         self.path = os.path.join(root, LEASE_NAME)
+        self.made_folder = False  # the output folder did not exist before the lease: released, it goes if empty
 
     def create(self, data: bytes) -> bool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not os.path.isdir(os.path.dirname(self.path)):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.made_folder = True
         try:
             descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -151,6 +154,11 @@ class LocalLeaseStore:
 
     def delete(self, version: str) -> None:
         self.move_aside_if(version)
+        if self.made_folder:
+            try:
+                os.rmdir(os.path.dirname(self.path))  # a run refused before writing leaves no folder behind
+            except OSError:  # the run wrote into it
+                pass
 
     def move_aside_if(self, version: str) -> bool:
         """Remove the lease if it holds `version`; True when removed."""
