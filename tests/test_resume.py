@@ -108,4 +108,4 @@ def test_a_run_killed_mid_way_is_finished_by_resume_with_every_row_once(job_argu
     leftovers = [name for _, _, names in os.walk(output) for name in names if name.endswith(".tmp")]
     assert not leftovers, leftovers
     shards = {path.name for path in (output / "versions" / "v0001").glob("part-*")}  # every shard file published
-    assert shards == {path.rsplit("/", 1)[1] for path in {*manifest["data_files"], *published}}
+    assert shards == {path.rsplit("/", 1)[-1] for path in {*manifest["data_files"], *published}}
