@@ -16,8 +16,8 @@ from vqbatch.io.filesystems import resolve
 from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import expand_rows, open_input
 from vqbatch.io import versions
-from vqbatch.io.versions import (FINGERPRINT_NAME, drop_done, generation_fingerprint, key_strings, plan_version,
-                                 start_version)
+from vqbatch.io.versions import FINGERPRINT_NAME, drop_done, key_strings, plan_version, start_version
+from vqbatch.lineage import generation_fingerprint
 from vqbatch.tiny import write_tiny_checkpoint
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vqbatch.config import ModelConfig, SamplingConfig, load_job_config
-from vqbatch.io.versions import generation_fingerprint, recorded_batch_shape
+from vqbatch.lineage import generation_fingerprint, recorded_batch_shape
 from vqbatch.sampler import DECODE_BATCH, NOOP_LATENT_PIXELS, NoopModel, PipelineModel, build_model, sample_rows
 from vqbatch.tiny import IMAGE_SIZE, LATENT_SIZE, write_tiny_checkpoint
 

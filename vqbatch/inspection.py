@@ -25,7 +25,7 @@ from PIL import Image
 from vqbatch.choices import IMAGE_FORMATS, check_choice
 from vqbatch.config import ModelConfig, S3Config
 from vqbatch.io.images import EXTENSIONS, encode_image
-from vqbatch.io.versions import recorded_batch_shape
+from vqbatch.lineage import recorded_batch_shape
 from vqbatch.proof import StoredDataset, rows_with_ids
 from vqbatch.report import model_text, settings_text
 

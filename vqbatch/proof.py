@@ -38,7 +38,8 @@ from vqbatch.io.formats import FILE_NAME, shard_format
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.keys import keys_digest
-from vqbatch.io.versions import recorded_batch_shape, version_folder
+from vqbatch.io.versions import version_folder
+from vqbatch.lineage import recorded_batch_shape
 from vqbatch.io.view import read_dataset
 from vqbatch.sampler import build_model
 
