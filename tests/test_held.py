@@ -9,11 +9,14 @@ import pyarrow.compute as pc
 import pytest
 
 from vqbatch.io import held
-from vqbatch.io.held import HeldBuckets, held_rows, stable_hashes
+from vqbatch.io.held import HeldBuckets, held_rows
+from vqbatch.keys import key_column, key_hashes
 
 
 def keys(names) -> pa.Array:
-    return pa.array([f"{name}\x00{index}" for name, index in names])
+    pairs = list(names)
+    return key_column(pa.table({"id": [name for name, _ in pairs],
+                                "image_index": pa.array([index for _, index in pairs], pa.int32())}))
 
 
 def test_held_rows_match_a_set_lookup_across_buckets(monkeypatch):
@@ -32,7 +35,7 @@ def test_held_rows_match_a_set_lookup_across_buckets(monkeypatch):
 
 
 def test_colliding_hashes_are_settled_by_the_whole_key(monkeypatch):
-    monkeypatch.setattr(held, "stable_hashes", lambda values: np.full(len(values), 7, np.uint64))
+    monkeypatch.setattr(held, "key_hashes", lambda values: np.full(len(values), 7, np.uint64))
     buckets = HeldBuckets.of(keys([("a", 0), ("b", 0), ("c", 1)]))
     found = held_rows(keys([("b", 0), ("c", 0), ("a", 0), ("d", 1)]), buckets)
     assert found.tolist() == [True, False, True, False]
@@ -40,9 +43,9 @@ def test_colliding_hashes_are_settled_by_the_whole_key(monkeypatch):
 
 def test_hashes_are_stable_and_spread():
     values = keys((f"row-{i:08d}", 0) for i in range(10_000))
-    hashes = stable_hashes(values)
+    hashes = key_hashes(values)
     assert hashes.dtype == np.uint64 and len(np.unique(hashes)) == 10_000
-    assert stable_hashes(keys([("row-00000000", 0)]))[0] == hashes[0]  # alone or in a batch, the same hash
+    assert key_hashes(keys([("row-00000000", 0)]))[0] == hashes[0]  # alone or in a batch, the same hash
     top = np.bincount((hashes >> np.uint64(60)).astype(np.int64), minlength=16)
     assert top.min() > 10_000 / 16 * 0.8  # top bits spread evenly: buckets stay balanced
 

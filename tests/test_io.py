@@ -17,7 +17,7 @@ from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputR
 from vqbatch.io.card import CARD_NAME
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
-from vqbatch.io.images import decode_image, encode_image, image_path, png_bytes
+from vqbatch.io.images import decode_image, encode_image, png_bytes
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, open_input
 from vqbatch.seeds import image_seed
 
@@ -206,13 +206,6 @@ def test_png_bytes_refuse_other_pixels():
         png_bytes(np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(ValueError, match="got float32"):
         png_bytes(np.zeros((2, 2, 3), np.float32))
-
-
-def test_image_names_are_stable_distinct_and_safe():
-    assert image_path("a/b", 0, "png") == image_path("a/b", 0, "png")
-    names = {image_path(row_id, index, "jpeg") for row_id in ("a/b", "a_b", "../x", "🌍") for index in (0, 1)}
-    assert len(names) == 8
-    assert all(name.startswith("images/") and name.endswith(".jpg") and ".." not in name for name in names)
 
 
 # ---------------------------------------------------------------- the dataset writer

@@ -16,7 +16,8 @@ from vqbatch.io.filesystems import resolve
 from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import expand_rows, open_input
 from vqbatch.io import versions
-from vqbatch.io.versions import FINGERPRINT_NAME, drop_done, key_strings, plan_version, start_version
+from vqbatch.io.versions import FINGERPRINT_NAME, drop_done, plan_version, start_version
+from vqbatch.keys import key_column
 from vqbatch.lineage import generation_fingerprint
 from vqbatch.tiny import write_tiny_checkpoint
 
@@ -154,7 +155,7 @@ def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatc
     """Held key a, staged files (a, b) and (b, c): version 2 adds b and c once. With every key hash equal, the
     exact comparison behind the hashes must give the same answer."""
     if colliding_hashes:
-        monkeypatch.setattr(versions, "key_hashes", lambda keys: np.zeros(len(keys), np.int64))
+        monkeypatch.setattr(versions, "key_hashes", lambda keys: np.zeros(len(keys), np.uint64))
     output = tmp_path / "out"
     settings = {"sampling.images_per_prompt": 1, "output.mode": "refresh"}
     refresh(job([write_prompts(tmp_path / "first.parquet", ["a"])], output, "noop", **settings))
@@ -175,7 +176,7 @@ def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatc
 
 def test_drop_done_compares_whole_keys_even_when_ids_hold_nul():
     rows = pa.table({"id": ["a\x001", "a", "a", "b"], "image_index": pa.array([0, 10, 1, 1], pa.int32())})
-    done = key_strings(pa.table({"id": ["a", "b"], "image_index": pa.array([10, 0], pa.int32())}))
+    done = key_column(pa.table({"id": ["a", "b"], "image_index": pa.array([10, 0], pa.int32())}))
     assert drop_done(rows, HeldBuckets.of(done)).to_pylist() == [{"id": "a\x001", "image_index": 0}, {"id": "a", "image_index": 1},
                                                  {"id": "b", "image_index": 1}]
-    assert drop_done(rows, HeldBuckets.of(pa.array([], pa.string()))) is rows
+    assert drop_done(rows, HeldBuckets.of(pa.array([], pa.binary()))) is rows

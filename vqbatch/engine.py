@@ -41,6 +41,7 @@ from vqbatch.io.held import HeldBuckets
 from vqbatch.io.lease import Lease
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.run_stats import run_stats, write_run_stats
+from vqbatch.keys import KEY_COLUMNS, key_column
 from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
 from vqbatch.preflight import check_checkpoint
 from vqbatch.sampler import build_model, sample_rows
@@ -73,8 +74,9 @@ class SampleBatches:
         batch = batch_key(rows)
         attempt = ray.get(self.ledger.begin.remote(batch))
         if attempt > MAX_BATCH_ATTEMPTS:
-            raise RuntimeError(f"the batch starting at row {batch!r} was started {attempt - 1} times and every "
-                               "actor that sampled it died; failing the job instead of killing more actors")
+            first = (rows.column("id")[0].as_py(), rows.column("image_index")[0].as_py())
+            raise RuntimeError(f"the batch starting at (id, image_index) {first!r} was started {attempt - 1} times "
+                               "and every actor that sampled it died; failing the job instead of killing more actors")
         sampled = self.sample_batch(rows)
         errors = sampled.num_rows - (pc.sum(pc.equal(sampled.column("status"), "ok")).as_py() or 0)
         self.ledger.end.remote(batch, self.actor, time.time(), sampled.num_rows, errors)
@@ -105,9 +107,10 @@ class SampleBatches:
 MAX_BATCH_ATTEMPTS = 4  # a batch is sampled at most this often: its first try and 3 more after actors died on it
 
 
-def batch_key(rows: pa.Table) -> str:
-    """The batch's first (id, image_index) key: a retried batch is the same block, so it has the same key."""
-    return f"{rows.column('id')[0].as_py()}\x00{rows.column('image_index')[0].as_py()}"
+def batch_key(rows: pa.Table) -> bytes:
+    """The batch's first (id, image_index) key (`key_column`): a retried batch is the same block, so it has the same
+    key."""
+    return key_column(rows.slice(0, 1).select(KEY_COLUMNS))[0].as_py()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -117,20 +120,20 @@ class BatchLedger:
     progress; a retried batch counts once), and how often Ray restarted an actor whose process died."""
 
     def __init__(self):
-        self.attempts: dict[str, int] = {}
-        self.ended: dict[str, tuple[str, float, int, int]] = {}  # batch -> (actor, end time, rows, errors)
+        self.attempts: dict[bytes, int] = {}
+        self.ended: dict[bytes, tuple[str, float, int, int]] = {}  # batch -> (actor, end time, rows, errors)
         self.restarted = 0
         self.rows, self.errors = 0, 0  # of the batches in `ended`
 
     def actor_restarted(self) -> None:
         self.restarted += 1
 
-    def begin(self, batch: str) -> int:
+    def begin(self, batch: bytes) -> int:
         """The attempt this is: 1 the first time `batch` is sampled."""
         self.attempts[batch] = self.attempts.get(batch, 0) + 1
         return self.attempts[batch]
 
-    def end(self, batch: str, actor: str, ended: float, rows: int, errors: int) -> None:
+    def end(self, batch: bytes, actor: str, ended: float, rows: int, errors: int) -> None:
         if batch not in self.ended:
             self.rows, self.errors = self.rows + rows, self.errors + errors
         self.ended[batch] = (actor, ended, rows, errors)

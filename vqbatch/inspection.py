@@ -9,7 +9,6 @@ images re-rendered from stored tokens.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 import shlex
@@ -25,13 +24,13 @@ from PIL import Image
 from vqbatch.choices import IMAGE_FORMATS, check_choice
 from vqbatch.config import ModelConfig, S3Config
 from vqbatch.io.images import EXTENSIONS, encode_image
+from vqbatch.keys import readable_stem
 from vqbatch.lineage import recorded_batch_shape
 from vqbatch.proof import StoredDataset, rows_with_ids
 from vqbatch.report import model_text, settings_text
 
 ERROR_KINDS_SHOWN = 10
 TOKENS_SHOWN = 16  # first tokens printed of a row's token list
-SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
         pixels = load_decoder(model_uri, dataset.manifest, device).decode(tokens)
         for row, image in zip(same_model, pixels):
             chosen = image_format or row["image_format"]
-            path = folder / f"{file_stem(row['id'])}_{row['image_index']}.{EXTENSIONS[chosen]}"
+            path = folder / f"{readable_stem(row['id'])}_{row['image_index']}.{EXTENSIONS[chosen]}"
             path.write_bytes(encode_image(resized(image, size), chosen, quality))
             written.append(path)
     return written
@@ -161,10 +160,3 @@ def resized(pixels: np.ndarray, size: int | None) -> np.ndarray:  # (H, W, 3) ui
     resample = Image.NEAREST if size >= max(image.size) else Image.LANCZOS  # enlarged pixels stay sharp squares
     return np.asarray(image.resize((size, size), resample))
 
-
-def file_stem(row_id: str) -> str:
-    """The id itself when it is a safe file name; else its safe characters and 8 hex digits of its digest."""
-    safe = SAFE_NAME.sub("_", row_id)[:80]
-    if safe == row_id and row_id not in (".", ".."):
-        return row_id
-    return f"{safe}-{hashlib.blake2b(row_id.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"

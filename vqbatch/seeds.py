@@ -6,20 +6,23 @@ Image `k` of the input row with id `i` is sampled with `torch.Generator().manual
 - otherwise:                     seed = derived_seed(base_seed, i, k).
 
 `derived_seed(base, i, k)` is the first 8 bytes of BLAKE2b (digest size 8, no key) over the UTF-8 text
-`f"{base}/{k}/{i}"`, read big-endian, shifted right by one bit: a 63-bit integer, so it fits int64 columns and
-is the same on every machine, process and Python version (unlike `hash()`).
+`f"{base}/{k}/{i}"` (`vqbatch.keys.seed_text`: two integers before the id, so no id can imitate another key's
+text), read big-endian, shifted right by one bit: a 63-bit integer, so it fits int64 columns and is the same on
+every machine, process and Python version (unlike `hash()`).
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from vqbatch.keys import seed_text
+
 SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): they fit an int64 column
 
 
 def derived_seed(base_seed: int, row_id: str, image_index: int) -> int:
-    text = f"{base_seed}/{image_index}/{row_id}".encode("utf-8", errors="surrogatepass")
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") >> 1
+    digest = hashlib.blake2b(seed_text(base_seed, row_id, image_index), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def image_seed(row_id: str, image_index: int, base_seed: int, row_seed: int | None = None) -> int:

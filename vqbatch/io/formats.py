@@ -16,8 +16,8 @@ where the image bytes live:
                  `Image` feature (the schema carries the feature), null on error rows
 
 Each file is written whole under a temporary name (`write_bytes_atomically`), at a name that depends only on its
-rows' keys, so a retried writer overwrites instead of duplicating. `<key>` is `sample_key`: the image file's stem,
-free of dots, as WebDataset needs.
+rows' keys, so a retried writer overwrites instead of duplicating. `<key>` is `vqbatch.keys.sample_key`: the digest
+of the id and the image index, free of dots, as WebDataset needs.
 """
 
 from __future__ import annotations
@@ -33,18 +33,14 @@ import numpy as np
 import pyarrow as pa
 
 from vqbatch.io.filesystems import read_bytes, write_bytes_atomically, write_files_atomically
-from vqbatch.io.images import encode_image, image_path
+from vqbatch.io.images import encode_image
+from vqbatch.keys import image_name, sample_key
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets' `Image` storage
 HF_FEATURES = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 FILE_NAME = "file_name"  # HF datasets' imagefolder column: an image path under the metadata file's folder
 TAR_MEMBER_MODE = 0o444
 TOKENS_DTYPE = np.int32
-
-
-def sample_key(row_id: str, image_index: int) -> str:
-    """The row's name inside a shard: its image file's stem (no dot, no slash; the same key, the same name)."""
-    return posixpath.basename(image_path(row_id, image_index, "png")).removesuffix(".png")
 
 
 SHARD_PREFIX = "part-"
@@ -99,7 +95,7 @@ class FilesFormat:
         keys, ok = shard.keys(), shard.ok_positions()
         names = [None] * shard.sampled.num_rows
         for position in ok:
-            names[position] = image_path_of(keys[position], shard.extension)
+            names[position] = image_name(keys[position], shard.extension)
         paths = [posixpath.join(root, shard.folder, names[position]) for position in ok]
         write_files_atomically(filesystem, paths, lambda item: shard.images(ok[item]))
         relative = [None if name is None else posixpath.join(shard.folder, name) for name in names]
@@ -114,11 +110,6 @@ class FilesFormat:
     def image_bytes(self, filesystem, root: str, rows: pa.Table) -> list[bytes | None]:
         return [None if path is None else read_bytes(filesystem, posixpath.join(root, path))
                 for path in rows.column("image").to_pylist()]
-
-
-def image_path_of(key: str, extension: str) -> str:
-    """`images/<first two hex digits>/<key>.<ext>` under the version folder."""
-    return f"images/{key[:2]}/{key}.{extension}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ read task holds them all.
 
 A refresh of a 10M-row dataset skips 10M keys. Handing that array to every read task (and building a hash set of
 it for every input batch) costs each task hundreds of MB and seconds per batch. Instead each key gets a stable
-64-bit hash of the key column's bytes (`stable_hashes`, the same in every process); the held keys are
+64-bit hash of its encoded key (`vqbatch.keys.key_hashes`, the same in every process); the held keys are
 sorted by hash and cut into `2**bits` buckets by the hash's top bits, each at most about `BUCKET_KEYS` keys. A read
 task fetches one bucket at a time (from Ray's object store; the engine puts them there) and finds its rows' hashes
 by binary search; a hash found is confirmed by comparing the whole key, so a hash collision never drops a row.
@@ -19,43 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vqbatch.keys import key_hashes
+
 BUCKET_KEYS = 1 << 20  # held keys per bucket, about: a read task holds one bucket (~30 MB) at a time
-HASH_CHUNK = 1 << 18  # keys hashed at a time: a chunk's bytes as uint64 (~40 MB) are the largest temporary
-
-
-def stable_hashes(keys: pa.Array) -> np.ndarray:  # (N,) uint64
-    """A 64-bit hash of each key's bytes, the same on every machine and in every process: each byte times a fixed
-    odd multiplier of its position, summed, then MurmurHash3's finalizer; vectorized, `HASH_CHUNK` keys at a time."""
-    hashes = np.empty(len(keys), np.uint64)
-    for start in range(0, len(keys), HASH_CHUNK):
-        chunk = keys.slice(start, HASH_CHUNK).cast(pa.large_binary())
-        _, offset_buffer, data_buffer = chunk.buffers()
-        offsets = np.frombuffer(offset_buffer, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data_buffer, np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64)  # (bytes,)
-        starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
-        position = np.arange(len(data)) - np.repeat(starts, lengths)  # each byte's place in its key
-        sums = np.add.reduceat(data * POSITION_MULTIPLIERS[position % len(POSITION_MULTIPLIERS)], starts) \
-            if len(data) else np.zeros(len(chunk), np.uint64)
-        hashes[start:start + len(chunk)] = finalized(np.where(lengths > 0, sums, 0) + lengths.astype(np.uint64))
-    return hashes
-
-
-POSITION_MULTIPLIERS = np.random.default_rng(20261201).integers(0, 2**63, 64, np.uint64) * 2 + 1  # fixed, odd
-
-
-def finalized(values: np.ndarray) -> np.ndarray:  # (N,) uint64
-    """MurmurHash3's 64-bit finalizer: every input bit flips about half the output bits (multiplication wraps)."""
-    with np.errstate(over="ignore"):
-        values = values ^ (values >> np.uint64(33))
-        values = values * np.uint64(0xFF51AFD7ED558CCD)
-        values = values ^ (values >> np.uint64(33))
-        values = values * np.uint64(0xC4CEB9FE1A85EC53)
-        return values ^ (values >> np.uint64(33))
 
 
 @dataclass(frozen=True)
 class HeldBuckets:
-    """Held keys in `2**bits` buckets; bucket `b` holds the keys whose hash's top `bits` bits are `b`."""
+    """Held keys (`vqbatch.keys.key_column`) in `2**bits` buckets; bucket `b` holds the keys whose hash's top `bits`
+    bits are `b`."""
 
     bits: int
     buckets: list  # per bucket: a table (hash uint64, key) sorted by hash, or a handle `fetch` turns into one
@@ -64,7 +36,7 @@ class HeldBuckets:
     @classmethod
     def of(cls, keys: pa.Array) -> "HeldBuckets":
         bits = max(0, math.ceil(math.log2(max(len(keys), 1) / BUCKET_KEYS)))
-        hashes = stable_hashes(keys)
+        hashes = key_hashes(keys)
         order = np.argsort(hashes, kind="stable")
         hashes = hashes[order]
         bounds = np.searchsorted(bucket_of(hashes, bits), np.arange(2**bits + 1))
@@ -86,7 +58,7 @@ def held_rows(keys: pa.Array, held: HeldBuckets, fetch: Callable = lambda bucket
     found = np.zeros(len(keys), bool)
     if not len(keys) or not held.count:
         return found
-    hashes = stable_hashes(keys)
+    hashes = key_hashes(keys)
     buckets = bucket_of(hashes, held.bits)
     for bucket in np.unique(buckets):
         rows = np.flatnonzero(buckets == bucket)

@@ -1,4 +1,4 @@
-"""Image files: pixels to bytes in png/jpeg/webp, and the stable file name of each image row.
+"""Image files: pixels to bytes in png/jpeg/webp and back (their names: `vqbatch.keys.image_name`).
 
 PNG is written by `png_bytes` (numpy and zlib): one filter for every scanline instead of PIL's per-row choice, so a
 256x256 image encodes in about half PIL's time for a few percent more bytes, and a tiny image costs a fifth of PIL's
@@ -7,7 +7,6 @@ per-call overhead. JPEG and WebP go through PIL; every format is read back by PI
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import zlib
@@ -59,13 +58,3 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def decode_image(data: bytes) -> np.ndarray:  # (H, W, 3) uint8; grey images too
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def image_path(row_id: str, image_index: int, image_format: str) -> str:
-    """Where image `image_index` of row `row_id` lives, relative to the output root; same row, same name.
-
-    `images/<first two hex digits>/<16 hex digits of BLAKE2b(id)>_<image index>.<extension>`: ids may hold any
-    characters, so the name is derived from a digest of the id instead of the id itself.
-    """
-    digest = hashlib.blake2b(row_id.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
-    return f"images/{digest[:2]}/{digest}_{image_index}.{EXTENSIONS[image_format]}"

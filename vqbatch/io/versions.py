@@ -39,11 +39,10 @@ from vqbatch.io.filesystems import exists, list_files, read_bytes, write_bytes_a
 from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.formats import is_metadata_name, is_shard_name, metadata_name, shard_format
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
-from vqbatch.keys import keys_digest
+from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
 
 FINGERPRINT_NAME = "fingerprint.json"
-KEY_COLUMNS = ["id", "image_index"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,9 +55,9 @@ class VersionPlan:
     version: int
     fingerprint: Fingerprint
     history: tuple[dict, ...]  # the published versions, oldest first (the manifest's `versions`)
-    held: pa.Array  # `key_strings` of the keys the published versions of this fingerprint hold
+    held: pa.Array  # `key_column` of the keys the published versions of this fingerprint hold
     staged: tuple[str, ...]  # complete metadata files a killed run of this version left (adopted)
-    done: HeldBuckets  # the held and staged keys (`key_strings`), which this run skips
+    done: HeldBuckets  # the held and staged keys (`key_column`), which this run skips
     pending: int  # input keys still to sample
     output_format: str  # how its shards are stored (`output.format`; part of the fingerprint)
 
@@ -120,17 +119,10 @@ def current_files(location: OutputRoot, history: tuple[dict, ...], fingerprint: 
     return [location.path(shard["file"]) for shard in current_shards(history, fingerprint)]
 
 
-def key_strings(rows: pa.Table) -> pa.Array:
-    """One string per (id, image_index) key of `rows`: the id, a NUL, then the index in decimal. Distinct keys give
-    distinct strings (the index, after the last NUL, holds none), so Arrow's set kernels can compare keys."""
-    index = pc.cast(rows.column("image_index"), pa.string())
-    return pc.binary_join_element_wise(rows.column("id"), index, "\x00").combine_chunks()
-
-
 def read_keys(location: OutputRoot, paths: list[str] | tuple[str, ...]) -> pa.Array:
-    """`key_strings` of every row of the metadata files at `paths` (full paths), in file order."""
-    keys = [key_strings(pq.read_table(path, filesystem=location.filesystem, columns=KEY_COLUMNS)) for path in paths]
-    return pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+    """`key_column` of every row of the metadata files at `paths` (full paths), in file order."""
+    keys = [key_column(pq.read_table(path, filesystem=location.filesystem, columns=KEY_COLUMNS)) for path in paths]
+    return pa.concat_arrays(keys) if keys else pa.array([], pa.binary())
 
 
 def staged_files(location: OutputRoot, version: int, fingerprint: Fingerprint) -> list[str]:
@@ -167,7 +159,7 @@ def drop_done(rows: pa.Table, done: HeldBuckets, fetch: Callable = lambda bucket
     into its keys (`held.held_rows`)."""
     if not done.count or rows.num_rows == 0:
         return rows
-    return rows.filter(pa.array(~held_rows(key_strings(rows), done, fetch)))
+    return rows.filter(pa.array(~held_rows(key_column(rows), done, fetch)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,25 +233,20 @@ class StagedFile:
 
     location: OutputRoot
     relative: str  # path under the output root
-    hashes: np.ndarray  # (N,) int64: `key_hashes` of its rows' keys
+    hashes: np.ndarray  # (N,) uint64: `key_hashes` of its rows' keys
     ok: np.ndarray  # (N,) bool: the rows whose status is "ok"
 
     @classmethod
     def read(cls, location: OutputRoot, relative: str) -> "StagedFile":
         table = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=[*KEY_COLUMNS, "status"])
         ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
-        return cls(location, relative, key_hashes(key_strings(table)), ok)
+        return cls(location, relative, key_hashes(key_column(table)), ok)
 
-    def keys(self, positions: np.ndarray) -> list[str]:
-        """`key_strings` of the rows at `positions`, read again from the file."""
+    def keys(self, positions: np.ndarray) -> list[bytes]:
+        """`key_column` of the rows at `positions`, read again from the file."""
         table = pq.read_table(self.location.path(self.relative), filesystem=self.location.filesystem,
                               columns=KEY_COLUMNS)
-        return key_strings(table.take(pa.array(positions))).to_pylist()
-
-
-def key_hashes(keys: pa.Array) -> np.ndarray:  # (N,) int64
-    """Python's hash of each key string: equal keys hash equal within this process, and 8 bytes stand in for a key."""
-    return np.fromiter(map(hash, keys.to_pylist()), np.int64, len(keys))
+        return key_column(table.take(pa.array(positions))).to_pylist()
 
 
 def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:

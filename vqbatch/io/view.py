@@ -16,7 +16,7 @@ from vqbatch.config import S3Config
 from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
 from vqbatch.io.filesystems import resolve
 from vqbatch.io.formats import IMAGE_STRUCT, shard_format
-from vqbatch.io.versions import key_strings
+from vqbatch.keys import key_column
 
 
 def read_dataset(uri: str, s3: S3Config | None = None, images: bool = False) -> pa.Table:
@@ -36,7 +36,7 @@ def read_dataset(uri: str, s3: S3Config | None = None, images: bool = False) -> 
 
 def latest_per_key(rows: pa.Table) -> pa.Table:
     """Each key's last row (files are read oldest version first); publishing already keeps each key once."""
-    keys = key_strings(rows)
+    keys = key_column(rows)
     if len(pc.unique(keys)) == rows.num_rows:
         return rows
     positions = pa.table({"key": keys, "position": pa.array(range(rows.num_rows), pa.int64())})
