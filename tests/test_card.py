@@ -9,7 +9,7 @@ from huggingface_hub import DatasetCard
 
 from conftest import SMALL_DATASET_OK
 from vqbatch.io.card import CARD_NAME, card_text
-from vqbatch.io.dataset import METADATA_SCHEMA, metadata_schema
+from vqbatch.io.formats import METADATA_SCHEMA, metadata_schema
 
 
 def test_each_publish_writes_a_card_that_datasets_loads(small_dataset):

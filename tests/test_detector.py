@@ -98,7 +98,8 @@ def engine_dataset(folder, images, prompts, statuses):
     import pyarrow as pa
 
     from vqbatch.config import JobConfig
-    from vqbatch.io.dataset import prepare_output, publish, sampled_table, write_shard
+    from vqbatch.io.dataset import prepare_output, publish
+    from vqbatch.io.formats import sampled_table, write_shard
     from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
     config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"}, output={"uri": str(folder)})

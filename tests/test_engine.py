@@ -15,11 +15,11 @@ from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
 from vqbatch.engine import BatchLedger, actor_pool, build_dataset, run_job
-from vqbatch.io.dataset import OutputRoot, metadata_schema, read_manifest, read_metadata
+from vqbatch.io.dataset import OutputRoot, plan_version, read_manifest, read_metadata
+from vqbatch.io.formats import metadata_schema
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image
 from vqbatch.io.prompts import open_input
-from vqbatch.io.versions import plan_version
 from vqbatch.pipeline import VQDiffusionPipeline
 from vqbatch.seeds import image_seed
 from vqbatch.tiny import write_tiny_checkpoint

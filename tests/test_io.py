@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from vqbatch.config import InputConfig, S3Config, load_job_config
-from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputRoot, metadata_schema, prepare_output,
-                                publish, read_manifest, read_metadata, sampled_table, write_shard)
+from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputRoot, prepare_output, publish,
+                                read_manifest, read_metadata)
+from vqbatch.io.formats import metadata_schema, sampled_table, write_shard
 from vqbatch.io.card import CARD_NAME
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically

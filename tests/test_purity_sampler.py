@@ -8,7 +8,7 @@ import torch
 from test_pipeline import checkpoint, pipe  # noqa: F401  (the tiny checkpoint and its pipeline)
 from vqbatch.cli import GENERATE_FLAGS, build_parser, main
 from vqbatch.config import ModelConfig, SamplingConfig, load_job_config
-from vqbatch.io.dataset import metadata_table, sampled_table
+from vqbatch.io.formats import metadata_table, sampled_table
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.proof import parameter_groups
 from vqbatch.sampler import PipelineModel

@@ -11,12 +11,13 @@ import ray
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import refresh, run_job
-from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata, sampled_table, write_shard
+from vqbatch.io import dataset
+from vqbatch.io.dataset import (FINGERPRINT_NAME, OutputRoot, drop_done, plan_version, read_manifest, read_metadata,
+                                start_version)
 from vqbatch.io.filesystems import resolve
 from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import expand_rows, open_input
-from vqbatch.io import versions
-from vqbatch.io.versions import FINGERPRINT_NAME, drop_done, plan_version, start_version
+from vqbatch.io.formats import sampled_table, write_shard
 from vqbatch.keys import key_column
 from vqbatch.lineage import generation_fingerprint
 from vqbatch.tiny import write_tiny_checkpoint
@@ -155,7 +156,7 @@ def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatc
     """Held key a, staged files (a, b) and (b, c): version 2 adds b and c once. With every key hash equal, the
     exact comparison behind the hashes must give the same answer."""
     if colliding_hashes:
-        monkeypatch.setattr(versions, "key_hashes", lambda keys: np.zeros(len(keys), np.uint64))
+        monkeypatch.setattr(dataset, "key_hashes", lambda keys: np.zeros(len(keys), np.uint64))
     output = tmp_path / "out"
     settings = {"sampling.images_per_prompt": 1, "output.mode": "refresh"}
     refresh(job([write_prompts(tmp_path / "first.parquet", ["a"])], output, "noop", **settings))

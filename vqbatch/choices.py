@@ -43,6 +43,9 @@ DDPMTimestepSpacing = Literal["leading", "trailing", "linspace"]
 # How a dataset's rows are stored (vqbatch/io/formats.py): one image file per row next to metadata Parquet, tar shards
 # for WebDataset, or image bytes inside the Parquet files.
 OutputFormat = Literal["files", "webdataset", "parquet"]
+# How much of a dataset `vqbatch verify` reads besides the rows it regenerates: "decode" reads every published file
+# and decodes every stored image, "exists" only checks that every published file is there (one listing per folder).
+IntegrityCheck = Literal["decode", "exists"]
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 NOISES: tuple[str, ...] = get_args(Noise)
@@ -60,6 +63,7 @@ VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 DDPM_TIMESTEP_SPACINGS: tuple[str, ...] = get_args(DDPMTimestepSpacing)
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+INTEGRITY_CHECKS: tuple[str, ...] = get_args(IntegrityCheck)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -7,7 +7,7 @@
       -> map_batches(write_shard, rows_per_file)       CPU tasks: encode images, write files and one metadata file
       -> driver: progress (each second from `BatchLedger`, and per metadata file), then the manifest and `_SUCCESS`
 
-Each run writes one version of the dataset (`vqbatch.io.versions`): it skips the rows the output already holds for
+Each run writes one version of the dataset (`vqbatch.io.dataset`): it skips the rows the output already holds for
 the same generation fingerprint and the rows a killed run of the same version already wrote, and publishes by
 writing the manifest last.
 
@@ -34,15 +34,15 @@ import ray.data
 from vqbatch.batch_size import probe_batch_size
 from vqbatch.config import ComputeConfig, InputConfig, JobConfig, OutputConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
-from vqbatch.io.dataset import (OutputRoot, check_kept_columns, check_output, prepare_output, sampled_table,
-                                write_shard)
-from vqbatch.io.filesystems import is_s3
+from vqbatch.io.dataset import (VersionPlan, check_output, drop_done, plan_version, prepare_output, publish_version,
+                                start_version)
+from vqbatch.io.filesystems import OutputRoot, is_s3
+from vqbatch.io.formats import check_kept_columns, sampled_table, write_shard
 from vqbatch.io.held import HeldBuckets
 from vqbatch.io.lease import Lease
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.run_stats import run_stats, write_run_stats
 from vqbatch.keys import KEY_COLUMNS, key_column
-from vqbatch.io.versions import VersionPlan, drop_done, plan_version, publish_version, start_version
 from vqbatch.preflight import check_checkpoint
 from vqbatch.sampler import build_model, sample_rows
 
@@ -188,7 +188,7 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
             ray_address: str | None = None, allow_new_fingerprint: bool = False,
             progress_every: float | None = None) -> JobSummary:
     """Check the input, the output and the checkpoint against the sampling settings, then sample the rows the output lacks on Ray and publish them
-    as a new version of the dataset (see `vqbatch.io.versions`).
+    as a new version of the dataset (see `vqbatch.io.dataset`).
 
     `output.mode`: `error` needs an empty output, `overwrite` replaces the dataset (cleared only once Ray is up and
     the actor pool fits), `refresh` adds to it and finishes a killed run. A refresh under a changed generation

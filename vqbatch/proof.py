@@ -31,14 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
-from vqbatch.io.dataset import (METADATA_SCHEMA, OutputRoot, check_output, prepare_output, publish, read_manifest,
-                                sampled_table, write_shard)
-from vqbatch.io.filesystems import resolve, to_uri
-from vqbatch.io.formats import FILE_NAME, shard_format
+from vqbatch.io.dataset import check_output, prepare_output, publish, read_manifest, version_folder
+from vqbatch.io.filesystems import OutputRoot, resolve, to_uri
+from vqbatch.io.formats import FILE_NAME, METADATA_SCHEMA, sampled_table, shard_format, write_shard
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 from vqbatch.keys import keys_digest
-from vqbatch.io.versions import version_folder
 from vqbatch.lineage import recorded_batch_shape
 from vqbatch.io.view import read_dataset
 from vqbatch.sampler import build_model

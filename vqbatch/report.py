@@ -28,7 +28,7 @@ from vqbatch.io.filesystems import is_s3
 from vqbatch.io.formats import shard_format
 from vqbatch.io.images import EXTENSIONS
 from vqbatch.io.run_stats import read_run_stats
-from vqbatch.io.versions import version_folder
+from vqbatch.io.dataset import version_folder
 from vqbatch.proof import StoredDataset
 
 DEFAULT_SAMPLE = 48

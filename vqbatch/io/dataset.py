@@ -1,173 +1,71 @@
-"""The output dataset: images, metadata Parquet files and the manifest that publishes them.
+"""A dataset on disk: its layout, its versions, and publishing them.
 
-Layout under the output root (a local folder or an s3:// prefix), per version of the dataset:
+Layout under the output root (a local folder or an s3:// prefix):
 
-    versions/v0001/part-<rows digest>.parquet     a shard's metadata file, one row per image row (`metadata_schema`)
-    versions/v0001/...                            the shard's images in the output's format (`vqbatch.io.formats`)
-    manifest.json                                 the published files (`data_files`, `metadata_files`), counts,
-                                                  input files, settings and the history of versions
-    _SUCCESS                                      empty; written last
+    versions/v0001/fingerprint.json             the generation fingerprint the version is sampled under; written first
+    versions/v0001/part-<keys digest>.parquet   a shard's metadata file, one row per image row, written last of its
+                                                shard (`vqbatch.io.formats.metadata_schema`)
+    versions/v0001/...                          the shard's images in the output's format (`vqbatch.io.formats`)
+    versions/v0001/run.json                     how the run went (`vqbatch.io.run_stats`)
+    manifest.json                               written last: the published files (`data_files`, `metadata_files`),
+                                                counts, input files, settings and the history of versions
+    README.md                                   the dataset card (`vqbatch.io.card`)
+    _SUCCESS                                    empty; written after the manifest: the dataset is complete
 
-Every file is written whole (`write_bytes_atomically`) at a name that depends only on its content's rows, so a
-rerun writes the same names. Only the files listed in `manifest.json` are published; `_SUCCESS` says the manifest
-is complete.
+Every file is written whole (`write_bytes_atomically`) at a name that depends only on its rows' keys, so a retried
+writer writes the same names. Only the files the manifest lists are published.
+
+Every run of `generate` or `refresh` writes one version next to the earlier ones. A row is an (id, image_index)
+key (`vqbatch.keys`). A run samples only the input keys that no published version of the current fingerprint
+holds, and that no complete metadata file already staged in its own version folder holds (files a killed run wrote:
+each one was written whole, so it is adopted). Publishing lists the staged files, drops rows already held (a retried
+writer may have written a row twice), and writes the manifest: its `metadata_files` are the files of every version
+with the current fingerprint, so readers see each key once; `versions` lists every version with its own files,
+counts, input files and fingerprint.
+
+The fingerprint (`vqbatch.lineage`) is what decides the sampled tokens and images. A refresh under a changed
+fingerprint is refused unless allowed; allowed, it generates every key again as a new version, and the older
+versions stay on disk and in the history.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vqbatch.config import InputConfig, JobConfig, OutputConfig, S3Config
+from vqbatch.config import JobConfig, OutputConfig, S3Config
 from vqbatch.io.card import CARD_NAME, write_dataset_card
-from vqbatch.io.filesystems import exists, list_files, read_bytes, resolve, write_bytes_atomically
-from vqbatch.io.formats import (FILE_NAME, FilesFormat, ShardRows, encoded_images, is_shard_name, shard_format,
-                               with_hf_features)
-from vqbatch.io.images import EXTENSIONS
-from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
-from vqbatch.keys import keys_digest
+from vqbatch.io.filesystems import OutputRoot, exists, inside_root, list_files, read_bytes, write_bytes_atomically
+from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name, metadata_name, metadata_schema,
+                               parquet_bytes, shard_format)
+from vqbatch.io.held import HeldBuckets, held_rows
+from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
+from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
+from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
 
 MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
 METADATA_DIR = "metadata"
 IMAGES_DIR = "images"
 VERSIONS_DIR = "versions"
-TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
-
-# What the sampler hands to the writer: the image rows (and kept input columns, after these) plus tokens and raw
-# (H, W, C) pixels (null on error rows).
-SAMPLED_FIELDS = [pa.field("tokens", TOKENS_TYPE), pa.field("pixels", pa.binary()), pa.field("height", pa.int32()),
-                  pa.field("width", pa.int32()), pa.field("prompt_truncated", pa.bool_())]
-SAMPLED_SCHEMA = pa.schema([*IMAGE_ROW_SCHEMA, *SAMPLED_FIELDS])
-
-# The metadata of every format; `image` is a string here (files, webdataset) or `formats.IMAGE_STRUCT` (parquet), the
-# files format adds `file_name` after it, and kept input columns (`input.keep_columns`) follow the last field.
-METADATA_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("image_index", pa.int32()), ("seed", pa.int64()),
-    ("tokens", TOKENS_TYPE),
-    ("image", pa.string()),  # where the image is, under the output root (see vqbatch.io.formats); null on error rows
-    ("status", pa.string()), ("error", pa.string()),
-    ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
-    ("height", pa.int32()), ("width", pa.int32()),
-    ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
-    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
-    ("prior_weight", pa.float64()), ("noise", pa.string()), ("image_format", pa.string()),
-])
-FILE_NAME_FIELD = pa.field(FILE_NAME, pa.string())  # files format: the image's path under the metadata file's folder
+FINGERPRINT_NAME = "fingerprint.json"
 
 
-def metadata_schema(output_format: str, kept: list[pa.Field] = ()) -> pa.Schema:
-    """The metadata schema of a format, with the kept input columns `kept` at the end."""
-    fields = list(METADATA_SCHEMA)
-    position = METADATA_SCHEMA.get_field_index("image")
-    fields[position] = pa.field("image", shard_format(output_format).image_type)
-    if output_format == FilesFormat.name:
-        fields.insert(position + 1, FILE_NAME_FIELD)
-    return pa.schema([*fields, *kept])
+# ---------------------------------------------------------------------------------------------------------------
+# The layout: what vqbatch writes under an output root
+# ---------------------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class OutputRoot:
-    filesystem: pafs.FileSystem
-    root: str
-
-    @classmethod
-    def of(cls, output: OutputConfig, s3: S3Config) -> "OutputRoot":
-        return cls(*resolve(output.uri, s3))
-
-    def path(self, relative: str) -> str:
-        return posixpath.join(self.root, relative)
-
-
-def sampled_table(rows: pa.Table, tokens: list, pixels: list, prompt_truncated: list | None = None) -> pa.Table:
-    """`rows` (IMAGE_ROW_SCHEMA, then any kept input columns) with per-row tokens (list of ints or None) and pixels
-    ((H, W, 3) uint8 or None).
-
-    `prompt_truncated`: per row, whether the tokenizer cut its prompt (None: not known)."""
-    sizes = [(None, None) if image is None else image.shape[:2] for image in pixels]
-    sampled = {"tokens": pa.array(tokens, TOKENS_TYPE),
-               "pixels": pa.array([None if image is None else image.tobytes() for image in pixels], pa.binary()),
-               "height": pa.array([size[0] for size in sizes], pa.int32()),
-               "width": pa.array([size[1] for size in sizes], pa.int32()),
-               "prompt_truncated": pa.array(prompt_truncated or [None] * rows.num_rows, pa.bool_())}
-    kept = [field for field in rows.schema if field.name not in IMAGE_ROW_SCHEMA.names]
-    columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names}, **sampled,
-               **{field.name: rows.column(field.name) for field in kept}}
-    return pa.table(columns, schema=pa.schema([*SAMPLED_SCHEMA, *kept]))
-
-
-def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
-    """Encode and write the images of `sampled` in the output's format, then its metadata file last, into `folder`
-    (a version's folder) of the output root; return the shard's summary."""
-    output = OutputRoot.of(config.output, config.s3)
-    settings = config.output
-    shard = ShardRows(sampled, encoded_images(sampled, pixel_views(sampled), settings.image_format,
-                                              settings.image_quality),
-                      EXTENSIONS[settings.image_format], folder, keys_digest(sampled))
-    image_columns = shard_format(settings.format).write_images(output.filesystem, output.root, shard)
-    metadata = metadata_table(sampled, image_columns, config)
-    write_bytes_atomically(output.filesystem, output.path(shard.metadata_relative), parquet_bytes(metadata))
-    return shard_summary(shard.metadata_relative, metadata)
-
-
-def shard_summary(relative: str, metadata: pa.Table) -> dict:
-    ok = metadata.column("status").to_pylist().count("ok")
-    return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
-
-
-def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
-    """Each row's pixels (H, W, C) uint8, viewed in place in the table's buffers (no copy); None where null."""
-    heights, widths = sampled.column("height").to_pylist(), sampled.column("width").to_pylist()
-    flat = []
-    for chunk in sampled.column("pixels").chunks:  # a binary array: int32 offsets into one data buffer
-        _, offsets, data = chunk.buffers()
-        ends = np.frombuffer(offsets, np.int32)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
-        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
-        flat += [data[start:end] for start, end in zip(ends[:-1], ends[1:])]
-    return [None if height is None else view.reshape(height, width, -1)
-            for view, height, width in zip(flat, heights, widths)]
-
-
-def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config: JobConfig) -> pa.Table:
-    """The metadata rows of a shard: its sampled rows less the pixels, the format's `image_columns`, the sampling
-    parameters, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
-    constants = {"model": config.model.uri, "steps": config.sampling.steps,
-                 "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
-                 "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
-                 "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
-                 "image_format": config.output.image_format}
-    kept = [field for field in sampled.schema if field.name not in SAMPLED_SCHEMA.names]
-    schema = metadata_schema(config.output.format, kept)
-    columns = {name: sampled.column(name) for name in sampled.column_names if name in schema.names}
-    columns.update(image_columns)
-    for name, value in constants.items():
-        columns[name] = pa.array([value] * sampled.num_rows, METADATA_SCHEMA.field(name).type)
-    return with_hf_features(pa.table({name: columns[name] for name in schema.names}, schema=schema),
-                            config.output.format)
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-def check_kept_columns(config: InputConfig) -> None:
-    """Kept input columns go into every output row beside the metadata's own columns: their names must differ."""
-    taken = {*METADATA_SCHEMA.names, FILE_NAME, *SAMPLED_SCHEMA.names}
-    clashing = [name for name in config.keep_columns if name in taken]
-    if clashing:
-        raise ValueError(f"input.keep_columns: {', '.join(map(repr, clashing))} would overwrite the output's own "
-                         f"column(s); allowed: input columns named other than {', '.join(sorted(taken))} (rename "
-                         "them in the input)")
+def version_folder(version: int) -> str:
+    return f"{VERSIONS_DIR}/v{version:04d}"
 
 
 def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
@@ -204,12 +102,248 @@ def remove(filesystem: pafs.FileSystem, path: str) -> None:
         filesystem.delete_file(path)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Planning a run: which version it writes and which keys it skips
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VersionPlan:
+    location: OutputRoot
+    version: int
+    fingerprint: Fingerprint
+    history: tuple[dict, ...]  # the published versions, oldest first (the manifest's `versions`)
+    held: pa.Array  # `key_column` of the keys the published versions of this fingerprint hold
+    staged: tuple[str, ...]  # complete metadata files a killed run of this version left (adopted)
+    done: HeldBuckets  # the held and staged keys (`key_column`), which this run skips
+    pending: int  # input keys still to sample
+    output_format: str  # how its shards are stored (`output.format`; part of the fingerprint)
+
+    @property
+    def folder(self) -> str:
+        return version_folder(self.version)
+
+
+def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: bool = False) -> VersionPlan:
+    """The version this run writes and the keys it skips; a changed fingerprint is a ValueError unless allowed.
+
+    Only `output.mode == "refresh"` looks at what the output holds: `error` found it empty and `overwrite` clears it.
+    """
+    location = OutputRoot.of(config.output, config.s3)
+    fingerprint = generation_fingerprint(config)
+    history = tuple(published_versions(location)) if config.output.mode == "refresh" else ()
+    if history and history[-1]["fingerprint"] != fingerprint.digest and not allow_new_fingerprint:
+        raise ValueError(changed_fingerprint_message(config.output.uri, history[-1], fingerprint))
+    version = history[-1]["version"] + 1 if history else 1
+    held = read_keys(location, current_files(location, history, fingerprint))
+    staged = tuple(staged_files(location, version, fingerprint)) if config.output.mode == "refresh" else ()
+    done = HeldBuckets.of(pc.unique(pa.concat_arrays([held, read_keys(location, staged)])))
+    return VersionPlan(location, version, fingerprint, history, held, staged, done, count_pending(inputs, config, done),
+                       config.output.format)
+
+
+def published_versions(location: OutputRoot) -> list[dict]:
+    """The manifest's version history; [] when nothing is published yet."""
+    if not exists(location.filesystem, location.path(MANIFEST_NAME)):
+        return []
+    manifest = load_manifest(location)
+    if not manifest.get("versions"):
+        raise ValueError(f"the dataset at {location.root} has no version history (it was written without "
+                         "versions, e.g. by `vqbatch rerun`); refresh only datasets written by generate or refresh, "
+                         "or regenerate it with --overwrite")
+    return manifest["versions"]
+
+
+def changed_fingerprint_message(uri: str, latest: dict, fingerprint: Fingerprint) -> str:
+    changes = fingerprint_changes(latest.get("fingerprint_parts", {}), fingerprint.parts)
+    return (f"the generation fingerprint changed: output {uri} holds version {latest['version']} with fingerprint "
+            f"{latest['fingerprint']}, this run's is {fingerprint.digest} ({'; '.join(changes) or 'unknown change'}); "
+            "pass --allow-new-fingerprint (allow_new_fingerprint=True) to generate every row again as a new "
+            "version, or run with the dataset's settings")
+
+
+def current_shards(history: tuple[dict, ...], fingerprint: Fingerprint) -> list[dict]:
+    """The published metadata files of every version generated for `fingerprint`."""
+    return [shard for entry in history if entry["fingerprint"] == fingerprint.digest
+            for shard in entry["metadata_files"]]
+
+
+def current_files(location: OutputRoot, history: tuple[dict, ...], fingerprint: Fingerprint) -> list[str]:
+    return [location.path(shard["file"]) for shard in current_shards(history, fingerprint)]
+
+
+def read_keys(location: OutputRoot, paths: list[str] | tuple[str, ...]) -> pa.Array:
+    """`key_column` of every row of the metadata files at `paths` (full paths), in file order."""
+    keys = [key_column(pq.read_table(path, filesystem=location.filesystem, columns=KEY_COLUMNS)) for path in paths]
+    return pa.concat_arrays(keys) if keys else pa.array([], pa.binary())
+
+
+def staged_files(location: OutputRoot, version: int, fingerprint: Fingerprint) -> list[str]:
+    """The complete metadata files a killed run of this version and fingerprint left; [] for another fingerprint."""
+    if staged_fingerprint(location, version) != fingerprint.digest:
+        return []
+    return shard_metadata_files(location, version_folder(version))
+
+
+def shard_metadata_files(location: OutputRoot, folder: str) -> list[str]:
+    """The metadata files (full paths) of the shards in a version's `folder` (relative to the root)."""
+    return [path for path in list_files(location.filesystem, location.path(folder), recursive=False)
+            if is_metadata_name(posixpath.basename(path))]
+
+
+def staged_fingerprint(location: OutputRoot, version: int) -> str | None:
+    path = location.path(f"{version_folder(version)}/{FINGERPRINT_NAME}")
+    if not exists(location.filesystem, path):
+        return None
+    return json.loads(read_bytes(location.filesystem, path))["fingerprint"]
+
+
+def count_pending(inputs: InputFiles, config: JobConfig, done: HeldBuckets) -> int:
+    """How many (id, image_index) keys the input expands to that `done` lacks; one input file in memory at a time,
+    and none read when nothing is done (every row expands to `images_per_prompt` keys)."""
+    if not done.count:
+        return inputs.num_rows * config.sampling.images_per_prompt
+    return sum(drop_done(expand_rows(pa.Table.from_batches([batch]), config.input, config.sampling), done).num_rows
+               for path in inputs.paths for batch in inputs.batches(path, inputs.columns(config.input)))
+
+
+def drop_done(rows: pa.Table, done: HeldBuckets, fetch: Callable = lambda bucket: bucket) -> pa.Table:
+    """The rows of `rows` whose (id, image_index) key is not in `done`, in order; `fetch` turns a bucket's handle
+    into its keys (`held.held_rows`)."""
+    if not done.count or rows.num_rows == 0:
+        return rows
+    return rows.filter(pa.array(~held_rows(key_column(rows), done, fetch)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and publishing a version
+# ---------------------------------------------------------------------------------------------------------------
+
+def start_version(plan: VersionPlan) -> None:
+    """Ready this version's folder: drop what a run of another fingerprint staged there and any temporary files
+    a killed writer left, then record the fingerprint (before any row is written)."""
+    filesystem = plan.location.filesystem
+    folder = plan.location.path(plan.folder)
+    if exists(filesystem, folder) and staged_fingerprint(plan.location, plan.version) != plan.fingerprint.digest:
+        remove(filesystem, folder)
+    remove_temporary_files(filesystem, folder)
+    remove_temporary_files(filesystem, plan.location.root, recursive=False)
+    record = {"version": plan.version, "fingerprint": plan.fingerprint.digest, "parts": plan.fingerprint.parts}
+    write_bytes_atomically(filesystem, posixpath.join(folder, FINGERPRINT_NAME),
+                           json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def remove_temporary_files(filesystem: pafs.FileSystem, folder: str, recursive: bool = True) -> None:
+    """Delete the hidden `.<name>.<uuid>.tmp` files of `write_bytes_atomically` (local outputs only have them)."""
+    if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        return
+    for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=recursive)):
+        name = posixpath.basename(info.path)
+        if info.type == pafs.FileType.File and name.startswith(".") and name.endswith(".tmp"):
+            filesystem.delete_file(info.path)
+
+
+def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig) -> dict:
+    """Publish every complete metadata file staged in this version's folder, each key once, and return the manifest.
+
+    Rows whose key an earlier file (or an earlier version of this fingerprint) already holds are dropped: a file
+    holding some is rewritten without them under its new rows' name (before any file is deleted), and files left
+    with nothing new are deleted.
+    """
+    shards = deduplicated_shards(plan)
+    entry = {"version": plan.version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "fingerprint": plan.fingerprint.digest, "fingerprint_parts": plan.fingerprint.parts,
+             "rows_added": sum(shard["rows"] for shard in shards), "rows_ok": sum(shard["ok"] for shard in shards),
+             "rows_failed": sum(shard["errors"] for shard in shards), "input_files": input_uris,
+             "batch_size": config.compute.batch_size, "metadata_files": shards}
+    versions = (*plan.history, entry)
+    return publish(plan.location, current_shards(versions, plan.fingerprint), input_uris, config,
+                   versions=list(versions))
+
+
+def deduplicated_shards(plan: VersionPlan) -> list[dict]:
+    """Summaries of this version's staged files, cut so that each key not held already appears once."""
+    location, output_format = plan.location, shard_format(plan.output_format)
+    staged = [StagedFile.read(location, posixpath.relpath(path, location.root))
+              for path in shard_metadata_files(location, plan.folder)]
+    shards = {}
+    for file, new in zip(staged, new_rows(plan, staged)):
+        if not new.any():
+            continue
+        relative = file.relative if new.all() else rewrite_without(location, file.relative, pa.array(new), plan)
+        rows, ok = int(new.sum()), int(file.ok[new].sum())
+        shards[relative] = {"file": relative, "rows": rows, "ok": ok, "errors": rows - ok, "version": plan.version}
+    published = {name for relative in shards for name in (relative, *output_format.data_files(relative))}
+    for path in list_files(location.filesystem, location.path(plan.folder), recursive=False):
+        if is_shard_name(posixpath.basename(path)) and posixpath.relpath(path, location.root) not in published:
+            location.filesystem.delete_file(path)  # rows held already, or a tar whose metadata was never written
+    return [shards[relative] for relative in sorted(shards)]
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A staged metadata file, reduced to what publishing needs: 9 bytes per row, whatever the ids."""
+
+    location: OutputRoot
+    relative: str  # path under the output root
+    hashes: np.ndarray  # (N,) uint64: `key_hashes` of its rows' keys
+    ok: np.ndarray  # (N,) bool: the rows whose status is "ok"
+
+    @classmethod
+    def read(cls, location: OutputRoot, relative: str) -> "StagedFile":
+        table = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=[*KEY_COLUMNS, "status"])
+        ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
+        return cls(location, relative, key_hashes(key_column(table)), ok)
+
+    def keys(self, positions: np.ndarray) -> list[bytes]:
+        """`key_column` of the rows at `positions`, read again from the file."""
+        table = pq.read_table(self.location.path(self.relative), filesystem=self.location.filesystem,
+                              columns=KEY_COLUMNS)
+        return key_column(table.take(pa.array(positions))).to_pylist()
+
+
+def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:
+    """Per staged file, which rows (bool (N,)) hold a key that neither `plan.held` nor an earlier row holds (in file
+    order, the first row of a key wins).
+
+    Only hashes are compared for all rows, so memory stays at 8 bytes per row; the keys behind a hash that occurs
+    more than once (a duplicate, or a collision) are read again and compared exactly.
+    """
+    held = key_hashes(plan.held)
+    repeated = repeated_values(np.concatenate([held, *(file.hashes for file in staged)]))
+    if not repeated.size:  # no hash twice, so no key twice
+        return [np.ones(len(file.hashes), bool) for file in staged]
+    seen = set(plan.held.filter(pa.array(np.isin(held, repeated))).to_pylist())
+    masks = []
+    for file in staged:
+        new = np.ones(len(file.hashes), bool)
+        suspects = np.flatnonzero(np.isin(file.hashes, repeated))
+        for position, key in zip(suspects, file.keys(suspects) if suspects.size else []):
+            new[position] = key not in seen
+            seen.add(key)
+        masks.append(new)
+    return masks
+
+
+def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, plan: VersionPlan) -> str:
+    """Write the kept rows of a staged shard (its data first, its metadata file last) as a shard named by their
+    keys; return its metadata file's relative path."""
+    table = pq.read_table(location.path(relative), filesystem=location.filesystem).filter(keep)
+    rewritten = posixpath.join(plan.folder, metadata_name(keys_digest(table)))
+    table = shard_format(plan.output_format).rewrite(location.filesystem, location.root, table, relative, rewritten)
+    write_bytes_atomically(location.filesystem, location.path(rewritten), parquet_bytes(table))
+    return rewritten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manifest: what is published
+# ---------------------------------------------------------------------------------------------------------------
+
 def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], config: JobConfig,
             versions: list[dict] | None = None) -> dict:
     """Write the manifest and the dataset card (`vqbatch.io.card`), then the `_SUCCESS` marker: the dataset is
     visible to readers from here on.
 
-    `shards` are the files readers see; `versions` is the history of versions (see `vqbatch.io.versions`).
+    `shards` are the files readers see; `versions` is the history of versions (see `VersionPlan` above).
     """
     manifest = {
         "format": "vqbatch-dataset/1",
@@ -220,6 +354,7 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
         "metadata_files": sorted(shards, key=lambda shard: shard["file"]),
         "data_files": data_files(shards, config.output.format),
         "input_files": input_uris,
+        "input": config.input.model_dump(mode="json", exclude={"paths"}),  # how its rows were read (column names)
         "model": config.model.model_dump(mode="json"),
         "sampling": config.sampling.model_dump(mode="json"),
         "output": config.output.model_dump(mode="json"),
@@ -246,14 +381,26 @@ def data_files(shards: list[dict], output_format: str) -> list[str]:
 
 
 def read_manifest(location: OutputRoot) -> dict:
+    """The published manifest; a ValueError when it names a file outside the output root."""
     if not exists(location.filesystem, location.path(SUCCESS_NAME)):
         raise FileNotFoundError(f"no published dataset at {location.root}: {SUCCESS_NAME} is missing")
-    return json.loads(read_bytes(location.filesystem, location.path(MANIFEST_NAME)))
+    return load_manifest(location)
 
 
-def read_metadata(location: OutputRoot) -> pa.Table:
-    """Every published metadata row (the files the manifest lists), as one table."""
-    files = [location.path(shard["file"]) for shard in read_manifest(location)["metadata_files"]]
-    tables = [pq.read_table(path, filesystem=location.filesystem) for path in files]
+def load_manifest(location: OutputRoot) -> dict:
+    """`manifest.json`, every file it names checked to lie inside the output root (`inside_root`)."""
+    manifest = json.loads(read_bytes(location.filesystem, location.path(MANIFEST_NAME)))
+    for entry in (manifest, *manifest.get("versions", [])):
+        for shard in entry.get("metadata_files", []):
+            inside_root(shard["file"], location)
+    for path in manifest.get("data_files", []):
+        inside_root(path, location)
+    return manifest
+
+
+def read_metadata(location: OutputRoot, files: list[str] | None = None) -> pa.Table:
+    """Every published metadata row (the files the manifest lists, or the relative paths `files`), as one table."""
+    if files is None:
+        files = [shard["file"] for shard in read_manifest(location)["metadata_files"]]
+    tables = [pq.read_table(location.path(relative), filesystem=location.filesystem) for relative in files]
     return pa.concat_tables(tables, promote_options="default") if tables else METADATA_SCHEMA.empty_table()
-

@@ -11,11 +11,12 @@ import posixpath
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from vqbatch.config import S3Config
+from vqbatch.config import OutputConfig, S3Config
 
 S3_SCHEME = "s3://"
 UPLOAD_THREADS = 8  # S3 uploads at once per `write_files_atomically` call: enough to hide the network's latency
@@ -165,3 +166,29 @@ def list_files(filesystem: pafs.FileSystem, folder: str, recursive: bool = True)
     selector = pafs.FileSelector(folder, recursive=recursive)
     return sorted(info.path for info in filesystem.get_file_info(selector)
                   if info.type == pafs.FileType.File and not posixpath.basename(info.path).startswith((".", "_")))
+
+
+@dataclass(frozen=True)
+class OutputRoot:
+    filesystem: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def of(cls, output: OutputConfig, s3: S3Config) -> "OutputRoot":
+        return cls(*resolve(output.uri, s3))
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+
+def inside_root(relative: str, location: OutputRoot) -> str:
+    """`relative` when it names a path inside the output root: relative, normalized, no `..`, no NUL or backslash;
+    a ValueError otherwise (an edited or damaged manifest or metadata row must not make vqbatch read, repair or
+    delete files elsewhere: an absolute path, `../other`, another bucket)."""
+    if (not isinstance(relative, str) or not relative or relative.startswith("/") or "\\" in relative
+            or "\x00" in relative or "://" in relative or posixpath.normpath(relative) != relative
+            or relative.split("/")[0] == ".."):
+        raise ValueError(f"the dataset at {location.root} names {relative!r}, which is not a path inside its output "
+                         "root; allowed: paths relative to the root, without '..'. The manifest or a metadata file "
+                         "was edited or damaged: restore it, or regenerate the dataset")
+    return relative

@@ -31,10 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from vqbatch.io.filesystems import read_bytes, write_bytes_atomically, write_files_atomically
-from vqbatch.io.images import encode_image
-from vqbatch.keys import image_name, sample_key
+from vqbatch.config import InputConfig, JobConfig
+from vqbatch.io.filesystems import OutputRoot, read_bytes, write_bytes_atomically, write_files_atomically
+from vqbatch.io.images import EXTENSIONS, decode_image, encode_image
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.keys import image_name, keys_digest, sample_key
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets' `Image` storage
 HF_FEATURES = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
@@ -111,6 +114,21 @@ class FilesFormat:
         return [None if path is None else read_bytes(filesystem, posixpath.join(root, path))
                 for path in rows.column("image").to_pylist()]
 
+    def row_problems(self, filesystem, root: str, rows: pa.Table, metadata_relative: str,
+                     present: Callable[[str], bool], decode: bool) -> list[str | None]:
+        """Per row of a shard's metadata: why its image is lost (its file is missing, or with `decode` does not
+        decode), or None."""
+        problems = []
+        for path, ok in zip(rows.column("image").to_pylist(), ok_mask(rows)):
+            if not ok:
+                problems.append(None)
+            elif not present(path):
+                problems.append(f"image file {path} is missing")
+            else:
+                problems.append(decode_problem(lambda: read_bytes(filesystem, posixpath.join(root, path)),
+                                               f"image file {path}") if decode else None)
+        return problems
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # webdataset: tar shards
@@ -158,6 +176,24 @@ class WebDatasetFormat:
         for tar in sorted({path.rsplit("/", 1)[0] for path in paths if path is not None}):
             tars[tar] = dict(tar_members(read_bytes(filesystem, posixpath.join(root, tar))))
         return [None if path is None else tars[path.rsplit("/", 1)[0]][member_of(path)] for path in paths]
+
+    def row_problems(self, filesystem, root: str, rows: pa.Table, metadata_relative: str,
+                     present: Callable[[str], bool], decode: bool) -> list[str | None]:
+        """Per row: why its sample is lost (the shard's tar is missing; with `decode`, the tar does not read, or
+        the sample's image is not in it or does not decode), or None. Error rows have no sample."""
+        tar, ok = tar_of(metadata_relative), ok_mask(rows)
+        if not present(tar):
+            return [f"shard file {tar} is missing" if is_ok else None for is_ok in ok]
+        if not decode:
+            return [None] * rows.num_rows
+        try:
+            members = dict(tar_members(read_bytes(filesystem, posixpath.join(root, tar))))
+        except (OSError, tarfile.TarError) as error:
+            return [f"shard file {tar} does not read ({error})" if is_ok else None for is_ok in ok]
+        return [None if not is_ok else
+                f"sample {member_of(path)} is not in {tar}" if member_of(path) not in members else
+                decode_problem(lambda: members[member_of(path)], f"sample {member_of(path)} of {tar}")
+                for path, is_ok in zip(rows.column("image").to_pylist(), ok)]
 
 
 def tar_of(metadata_relative: str) -> str:
@@ -225,6 +261,31 @@ class ParquetFormat:
     def image_bytes(self, filesystem, root: str, rows: pa.Table) -> list[bytes | None]:
         return [None if image is None else image["bytes"] for image in rows.column("image").to_pylist()]
 
+    def row_problems(self, filesystem, root: str, rows: pa.Table, metadata_relative: str,
+                     present: Callable[[str], bool], decode: bool) -> list[str | None]:
+        """Per row: with `decode`, why the image bytes it holds do not decode; or None. (The images are in the
+        metadata file: when that reads, they are there.)"""
+        if not decode:
+            return [None] * rows.num_rows
+        return [decode_problem(lambda: image["bytes"], f"the image in {metadata_relative}") if is_ok else None
+                for image, is_ok in zip(rows.column("image").to_pylist(), ok_mask(rows))]
+
+
+def ok_mask(rows: pa.Table) -> list[bool]:
+    """Which rows have status ok (and so an image)."""
+    return [status == "ok" for status in rows.column("status").to_pylist()]
+
+
+def decode_problem(data: Callable[[], bytes], what: str) -> str | None:
+    """None when the bytes `data` reads decode as an image; else what went wrong with `what`."""
+    try:
+        decode_image(data())
+    except FileNotFoundError:
+        return f"{what} is missing"
+    except (OSError, ValueError, TypeError) as error:  # PIL's UnidentifiedImageError is an OSError
+        return f"{what} does not decode ({type(error).__name__})"
+    return None
+
 
 FORMATS = {shard_format.name: shard_format for shard_format in (FilesFormat(), WebDatasetFormat(), ParquetFormat())}
 
@@ -248,3 +309,122 @@ def with_hf_features(table: pa.Table, format_name: str) -> pa.Table:
     if format_name != ParquetFormat.name:
         return table
     return table.replace_schema_metadata({**(table.schema.metadata or {}), **HF_FEATURES})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing a shard: sampled rows -> the format's files, then the metadata file
+# ---------------------------------------------------------------------------------------------------------------
+
+TOKENS_TYPE = pa.list_(pa.int32())  # latent pixel classes in the transformer's (row-major) pixel order
+# What the sampler hands to the writer: the image rows (and kept input columns, after these) plus tokens and raw
+# (H, W, C) pixels (null on error rows).
+SAMPLED_FIELDS = [pa.field("tokens", TOKENS_TYPE), pa.field("pixels", pa.binary()), pa.field("height", pa.int32()),
+                  pa.field("width", pa.int32()), pa.field("prompt_truncated", pa.bool_())]
+SAMPLED_SCHEMA = pa.schema([*IMAGE_ROW_SCHEMA, *SAMPLED_FIELDS])
+# The metadata of every format; `image` is a string here (files, webdataset) or `formats.IMAGE_STRUCT` (parquet), the
+# files format adds `file_name` after it, and kept input columns (`input.keep_columns`) follow the last field.
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("image_index", pa.int32()), ("seed", pa.int64()),
+    ("tokens", TOKENS_TYPE),
+    ("image", pa.string()),  # where the image is, under the output root (see vqbatch.io.formats); null on error rows
+    ("status", pa.string()), ("error", pa.string()),
+    ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
+    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
+    ("prior_weight", pa.float64()), ("noise", pa.string()), ("image_format", pa.string()),
+])
+FILE_NAME_FIELD = pa.field(FILE_NAME, pa.string())  # files format: the image's path under the metadata file's folder
+
+
+def metadata_schema(output_format: str, kept: list[pa.Field] = ()) -> pa.Schema:
+    """The metadata schema of a format, with the kept input columns `kept` at the end."""
+    fields = list(METADATA_SCHEMA)
+    position = METADATA_SCHEMA.get_field_index("image")
+    fields[position] = pa.field("image", shard_format(output_format).image_type)
+    if output_format == FilesFormat.name:
+        fields.insert(position + 1, FILE_NAME_FIELD)
+    return pa.schema([*fields, *kept])
+
+
+def sampled_table(rows: pa.Table, tokens: list, pixels: list, prompt_truncated: list | None = None) -> pa.Table:
+    """`rows` (IMAGE_ROW_SCHEMA, then any kept input columns) with per-row tokens (list of ints or None) and pixels
+    ((H, W, 3) uint8 or None).
+
+    `prompt_truncated`: per row, whether the tokenizer cut its prompt (None: not known)."""
+    sizes = [(None, None) if image is None else image.shape[:2] for image in pixels]
+    sampled = {"tokens": pa.array(tokens, TOKENS_TYPE),
+               "pixels": pa.array([None if image is None else image.tobytes() for image in pixels], pa.binary()),
+               "height": pa.array([size[0] for size in sizes], pa.int32()),
+               "width": pa.array([size[1] for size in sizes], pa.int32()),
+               "prompt_truncated": pa.array(prompt_truncated or [None] * rows.num_rows, pa.bool_())}
+    kept = [field for field in rows.schema if field.name not in IMAGE_ROW_SCHEMA.names]
+    columns = {**{name: rows.column(name) for name in IMAGE_ROW_SCHEMA.names}, **sampled,
+               **{field.name: rows.column(field.name) for field in kept}}
+    return pa.table(columns, schema=pa.schema([*SAMPLED_SCHEMA, *kept]))
+
+
+def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
+    """Encode and write the images of `sampled` in the output's format, then its metadata file last, into `folder`
+    (a version's folder) of the output root; return the shard's summary."""
+    output = OutputRoot.of(config.output, config.s3)
+    settings = config.output
+    shard = ShardRows(sampled, encoded_images(sampled, pixel_views(sampled), settings.image_format,
+                                              settings.image_quality),
+                      EXTENSIONS[settings.image_format], folder, keys_digest(sampled))
+    image_columns = shard_format(settings.format).write_images(output.filesystem, output.root, shard)
+    metadata = metadata_table(sampled, image_columns, config)
+    write_bytes_atomically(output.filesystem, output.path(shard.metadata_relative), parquet_bytes(metadata))
+    return shard_summary(shard.metadata_relative, metadata)
+
+
+def shard_summary(relative: str, metadata: pa.Table) -> dict:
+    ok = metadata.column("status").to_pylist().count("ok")
+    return {"file": relative, "rows": metadata.num_rows, "ok": ok, "errors": metadata.num_rows - ok}
+
+
+def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
+    """Each row's pixels (H, W, C) uint8, viewed in place in the table's buffers (no copy); None where null."""
+    heights, widths = sampled.column("height").to_pylist(), sampled.column("width").to_pylist()
+    flat = []
+    for chunk in sampled.column("pixels").chunks:  # a binary array: int32 offsets into one data buffer
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, np.int32)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
+        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        flat += [data[start:end] for start, end in zip(ends[:-1], ends[1:])]
+    return [None if height is None else view.reshape(height, width, -1)
+            for view, height, width in zip(flat, heights, widths)]
+
+
+def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config: JobConfig) -> pa.Table:
+    """The metadata rows of a shard: its sampled rows less the pixels, the format's `image_columns`, the sampling
+    parameters, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
+    constants = {"model": config.model.uri, "steps": config.sampling.steps,
+                 "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
+                 "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
+                 "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
+                 "image_format": config.output.image_format}
+    kept = [field for field in sampled.schema if field.name not in SAMPLED_SCHEMA.names]
+    schema = metadata_schema(config.output.format, kept)
+    columns = {name: sampled.column(name) for name in sampled.column_names if name in schema.names}
+    columns.update(image_columns)
+    for name, value in constants.items():
+        columns[name] = pa.array([value] * sampled.num_rows, METADATA_SCHEMA.field(name).type)
+    return with_hf_features(pa.table({name: columns[name] for name in schema.names}, schema=schema),
+                            config.output.format)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def check_kept_columns(config: InputConfig) -> None:
+    """Kept input columns go into every output row beside the metadata's own columns: their names must differ."""
+    taken = {*METADATA_SCHEMA.names, FILE_NAME, *SAMPLED_SCHEMA.names}
+    clashing = [name for name in config.keep_columns if name in taken]
+    if clashing:
+        raise ValueError(f"input.keep_columns: {', '.join(map(repr, clashing))} would overwrite the output's own "
+                         f"column(s); allowed: input columns named other than {', '.join(sorted(taken))} (rename "
+                         "them in the input)")

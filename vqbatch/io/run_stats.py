@@ -13,8 +13,7 @@ import json
 import posixpath
 from datetime import datetime, timezone
 
-from vqbatch.io.dataset import OutputRoot
-from vqbatch.io.filesystems import exists, read_bytes, write_bytes_atomically
+from vqbatch.io.filesystems import OutputRoot, exists, read_bytes, write_bytes_atomically
 
 RUN_STATS_NAME = "run.json"
 MAX_BINS = 60  # points per plotted line: the run's time cut into at most this many equal bins

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vqbatch.config import S3Config
-from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
-from vqbatch.io.filesystems import resolve
+from vqbatch.io.dataset import read_manifest, read_metadata
+from vqbatch.io.filesystems import OutputRoot, resolve
 from vqbatch.io.formats import IMAGE_STRUCT, shard_format
 from vqbatch.keys import key_column
 
@@ -22,7 +22,7 @@ from vqbatch.keys import key_column
 def read_dataset(uri: str, s3: S3Config | None = None, images: bool = False) -> pa.Table:
     """Every current row of the dataset at `uri` (a folder or s3:// prefix), one per key, as one Arrow table.
 
-    Columns: the metadata of its format (`vqbatch.io.dataset.METADATA_SCHEMA`, kept input columns last). With
+    Columns: the metadata of its format (`vqbatch.io.formats.METADATA_SCHEMA`, kept input columns last). With
     `images=True`, `image` is a struct {bytes, path} in every format (HF `datasets`' Image storage), its bytes read
     from the image files or tars; error rows have none.
     """

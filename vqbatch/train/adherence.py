@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from vqbatch.config import S3Config
-from vqbatch.io.dataset import OutputRoot, read_metadata
-from vqbatch.io.filesystems import read_bytes, resolve
+from vqbatch.io.dataset import read_metadata
+from vqbatch.io.filesystems import OutputRoot, read_bytes, resolve
 from vqbatch.io.images import decode_image, to_uint8
 from vqbatch.train.detector import count_specks, parse_caption, score, summarize
 from vqbatch.train.shapes import ShapesDataset
