@@ -1,6 +1,7 @@
 """Test-wide settings (one torch thread per process, so tests, Ray workers and servers share the cores fairly) and
 shared fixtures."""
 
+import contextlib
 import os
 import socket
 
@@ -32,20 +33,48 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch, tmp_path):
-    """A moto S3 server on loopback, the AWS_* variables pointing boto3 at it, and an empty checkpoint cache."""
+@pytest.fixture(scope="module")
+def moto_server():
+    """A moto S3 server on loopback for one test module: its endpoint URL; nothing in the environment points at it."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "VQBATCH_CACHE": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(name, value)
-    yield
+    yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(moto_server, tmp_path_factory):
+    """The module's moto S3 server with the AWS_* variables pointing boto3 and pyarrow at it, and an empty checkpoint
+    cache: its endpoint URL."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "VQBATCH_CACHE": str(tmp_path_factory.mktemp("cache"))}.items():
+            patch.setenv(name, value)
+        yield moto_server
+
+
+@contextlib.contextmanager
+def ray_started_locally():
+    """A fresh local Ray on two CPUs for the block (one torch thread per worker), shut down after it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray for one test module."""
+    with ray_started_locally():
+        yield
 
 
 SMALL_DATASET_OK = 11  # rows of `small_dataset` with an image; two more are error rows
@@ -69,13 +98,6 @@ def small_dataset(tmp_path_factory):
     config = load_job_config(None, {"input.paths": str(root / "in.parquet"), "model.uri": str(model),
                                     "output.uri": str(root / "out"), "sampling.steps": 2, "compute.batch_size": 4,
                                     "output.rows_per_file": 5, "compute.gpus_per_actor": 0})
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    try:
+    with contextlib.nullcontext() if ray.is_initialized() else ray_started_locally():
         assert run_job(config).ok == SMALL_DATASET_OK
-    finally:
-        if started_here:
-            ray.shutdown()
     return root / "out"

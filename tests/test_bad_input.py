@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from conftest import ray_started_locally
 from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import run_job
 from vqbatch.io.dataset import OutputRoot, read_metadata
@@ -46,12 +47,8 @@ def test_a_bad_input_corpus_runs_through_the_engine_and_every_row_says_what_happ
     config = load_job_config(None, {"input.paths": str(tmp_path / "corpus.parquet"), "model.uri": tiny_model,
                                     "output.uri": str(tmp_path / "out"), "sampling.steps": 2,
                                     "sampling.images_per_prompt": 2, "compute.batch_size": 4})
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    try:
+    with ray_started_locally():
         summary = run_job(config)
-    finally:
-        ray.shutdown()
     rows = read_metadata(OutputRoot(*resolve(str(tmp_path / "out"), S3Config()))).to_pylist()
     assert sorted((row["id"], row["image_index"]) for row in rows) == sorted((i, k) for i in CORPUS for k in (0, 1))
     for row in rows:

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from vqbatch import batch_size
@@ -144,14 +143,6 @@ def test_the_engine_routes_the_compile_mode_to_the_pipeline(tmp_path, monkeypatc
     PipelineModel.load(config.model.model_copy(update={"compile": "reduce-overhead"}), config.sampling, 2)
     PipelineModel.load(config.model.model_copy(update={"compile": None}), config.sampling, 2)
     assert modes == ["reduce-overhead"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 def test_engine_resolves_auto_in_a_ray_task_with_the_tiny_model(local_ray, tmp_path):

@@ -8,10 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
 from vqbatch.engine import BatchLedger, actor_pool, build_dataset, run_job
@@ -27,12 +25,7 @@ from vqbatch.tiny import write_tiny_checkpoint
 SAMPLING = {"steps": 3, "guidance_scale": 3.0, "truncation_rate": 0.9}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one fresh local Ray for the module (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +117,7 @@ def test_the_read_task_also_cuts_the_actor_batches(tmp_path, capsys):
     assert "MapBatches(read_pending_rows)->StreamingRepartition" in optimized
 
 
-def test_s3_in_and_s3_out_through_the_engine(s3_endpoint, tmp_path):  # noqa: F811
+def test_s3_in_and_s3_out_through_the_engine(s3_endpoint, tmp_path):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="engine")
     local = tmp_path / "prompts.parquet"

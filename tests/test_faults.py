@@ -9,8 +9,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
+from conftest import ray_started_locally
 from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import run_job
 from vqbatch.faults import ResilientSampler
@@ -115,17 +115,13 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_row_lands_once(tiny_model
                                     "output.uri": str(tmp_path / "out"), "sampling.steps": 12,
                                     "compute.batch_size": 2, "output.rows_per_file": 2})
     progress, outcome = [], {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    try:
+    with ray_started_locally():
         job = threading.Thread(target=lambda: outcome.update(summary=run_job(config, on_progress=progress.append)))
         job.start()
         killed = kill_sampler_while_it_samples(progress, job)
         job.join(timeout=300)
         assert not job.is_alive(), "the job did not finish after its actor was killed"
         assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
-    finally:
-        ray.shutdown()
     rows = read_metadata(OutputRoot(*resolve(str(tmp_path / "out"), S3Config()))).to_pylist()
     assert sorted(row["id"] for row in rows) == ids  # every row exactly once
     assert all(row["status"] == "ok" for row in rows) and outcome["summary"].ok == 24

@@ -15,11 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import webdataset
 from ray.util.annotations import RayDeprecationWarning
 
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch import read_dataset
 from vqbatch.config import load_job_config
 from vqbatch.engine import refresh, run_job
@@ -31,14 +29,6 @@ FORMATS = ["files", "webdataset", "parquet"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 PROMPTS = 6  # p3 has a blank prompt: its two rows are error rows
 IMAGES_PER_PROMPT = 2
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +121,7 @@ def test_each_format_reads_back_with_its_tools_verifies_and_reruns(output_format
 
 
 @pytest.mark.parametrize("output_format", FORMATS)
-def test_s3_output_of_each_format(output_format, prompts, s3_endpoint, tmp_path):  # noqa: F811
+def test_s3_output_of_each_format(output_format, prompts, s3_endpoint, tmp_path):
     s3 = boto3.client("s3")
     bucket = f"formats-{output_format}"
     s3.create_bucket(Bucket=bucket)

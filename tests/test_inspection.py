@@ -6,7 +6,6 @@ import pyarrow.fs as pafs
 import pytest
 
 from conftest import SMALL_DATASET_OK
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config
 from vqbatch.inspection import error_kinds
@@ -17,7 +16,7 @@ from vqbatch.keys import readable_stem
 
 
 @pytest.fixture(scope="module")
-def dataset_uris(small_dataset, s3_endpoint):  # noqa: F811
+def dataset_uris(small_dataset, s3_endpoint):
     """The small dataset's local folder, and the same files copied under an s3:// prefix."""
     filesystem = s3_filesystem(S3Config())
     boto3.client("s3").create_bucket(Bucket="seen")

@@ -2,7 +2,6 @@
 
 import io
 import os
-import socket
 
 import boto3
 import numpy as np
@@ -23,29 +22,6 @@ from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, open_input
 from vqbatch.seeds import image_seed
 
 NO_S3 = S3Config()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on loopback; AWS_* variables point boto3 and pyarrow at it for this module."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            patch.setenv(name, value)
-        yield endpoint
-    server.stop()
 
 
 def write_prompts(path, **columns):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from test_io import free_port
+from conftest import free_port
 from vqbatch.config import OutputConfig, S3Config
 from vqbatch.io.dataset import OutputRoot, read_manifest, read_metadata
 

@@ -13,28 +13,10 @@ from vqbatch.config import S3Config
 from vqbatch.io.lease import STALE_SECONDS, Lease, LeaseHeld
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on loopback; nothing in the environment points at it: the settings are the config's."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_a_held_lease_names_its_holder_and_a_stale_or_dead_one_is_taken_over(tmp_path, s3_server):
-    settings = {"endpoint_url": s3_server, "access_key_id": "key", "secret_access_key": "secret",
+def test_a_held_lease_names_its_holder_and_a_stale_or_dead_one_is_taken_over(tmp_path, moto_server):
+    settings = {"endpoint_url": moto_server, "access_key_id": "key", "secret_access_key": "secret",
                 "region": "us-east-1"}
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="key", aws_secret_access_key="secret",
+    boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="key", aws_secret_access_key="secret",
                  region_name="us-east-1").create_bucket(Bucket="leases")
     for uri, s3 in ((str(tmp_path / "out"), S3Config()), ("s3://leases/out", S3Config(**settings))):
         with Lease(uri, s3) as first:

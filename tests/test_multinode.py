@@ -9,7 +9,6 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch import read_dataset
 from vqbatch.config import load_job_config
 from vqbatch.engine import run_job
@@ -36,7 +35,7 @@ def job(prompts, output, **overrides):
                                   **overrides})
 
 
-def test_actors_and_writers_on_a_second_node_write_every_row_once_to_s3(two_nodes, s3_endpoint, tmp_path):  # noqa: F811
+def test_actors_and_writers_on_a_second_node_write_every_row_once_to_s3(two_nodes, s3_endpoint, tmp_path):
     prompts = tmp_path / "prompts.parquet"
     ids = [f"p{i}" for i in range(PROMPTS)]
     pq.write_table(pa.table({"id": ids, "prompt": [f"prompt {i}" for i in range(PROMPTS)]}), prompts)

@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
@@ -23,12 +22,7 @@ from vqbatch.lineage import generation_fingerprint
 from vqbatch.tiny import write_tiny_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one fresh local Ray for the module (conftest)
 
 
 @pytest.fixture(scope="module")

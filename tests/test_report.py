@@ -11,7 +11,6 @@ from PIL import Image
 
 from conftest import SMALL_DATASET_OK
 from headless_chromium import Browser
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch.cli import main
 from vqbatch.config import S3Config
 from vqbatch.io.dataset import OutputRoot, read_metadata
@@ -68,7 +67,7 @@ def test_the_contact_sheet_is_a_grid_of_the_sample(small_dataset, tmp_path):
     assert again.html.read_text() == files.html.read_text()  # the same seed shows the same images
 
 
-def test_report_of_an_s3_dataset_from_the_command_line(small_dataset, s3_endpoint, tmp_path, capsys):  # noqa: F811
+def test_report_of_an_s3_dataset_from_the_command_line(small_dataset, s3_endpoint, tmp_path, capsys):
     filesystem = s3_filesystem(S3Config())
     boto3.client("s3").create_bucket(Bucket="reports")
     pafs.copy_files(str(small_dataset), "reports/small", destination_filesystem=filesystem)

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
+from conftest import ray_started_locally
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import run_job
@@ -41,13 +41,9 @@ def datasets(tmp_path_factory):
     runs = {"batch1": {"compute.batch_size": 1, "compute.max_actors": 1},
             "batch4_actors2": {"compute.batch_size": 4, "compute.min_actors": 2, "compute.max_actors": 2,
                                "compute.cpus_per_actor": 0.5}}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    try:
+    with ray_started_locally():
         for name, compute in runs.items():
             run_job(load_job_config(None, {**common, **compute, "output.uri": str(folder / name)}))
-    finally:
-        ray.shutdown()
     return {"model": model, **{name: str(folder / name) for name in runs}}
 
 

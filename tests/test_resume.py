@@ -12,8 +12,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
+from conftest import ray_started_locally
 from vqbatch.cli import main
 from vqbatch.config import S3Config
 from vqbatch.io.dataset import OutputRoot, read_manifest
@@ -88,12 +88,8 @@ def test_a_run_killed_mid_way_is_finished_by_resume_with_every_row_once(job_argu
     code = main(["generate", *job_arguments])
     assert code == 2 and "generate --resume" in capsys.readouterr().err  # an unfinished output is not silently reused
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    try:
+    with ray_started_locally():
         code = main(["generate", "--resume", *job_arguments])
-    finally:
-        ray.shutdown()
     assert code == 0
     progress = capsys.readouterr().out
     assert f"/{PROMPTS - len(after_kill)} images" in progress  # the killed run's rows were adopted, not sampled again
