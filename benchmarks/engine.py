@@ -111,7 +111,7 @@ def run_bare_loop(config: JobConfig, ids: list[str], prompts: list[str], threads
     torch.set_num_threads(threads)
     seeds = [image_seed(row_id, 0, BASE_SEED) for row_id in ids]
     batch, device = config.compute.batch_size, config.model.device
-    load_seconds, model = seconds_of(lambda: PipelineModel.load(config.model, config.sampling, batch), device)
+    load_seconds, model = seconds_of(lambda: PipelineModel.load(config.model, config.sampling, batch, config.s3), device)
     tokens, batch_seconds = {}, []
     for start in range(0, len(prompts), batch):
         seconds, (batch_tokens, _) = seconds_of(

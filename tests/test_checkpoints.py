@@ -2,6 +2,7 @@
 s3:// against a local moto server, and hub ids without a network."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -212,7 +213,7 @@ def test_torch_dtype_and_device(tiny_checkpoint):
 # where checkpoints come from
 
 
-def test_s3_checkpoint_is_downloaded_once_and_loads(s3_endpoint, tiny_checkpoint):
+def test_s3_checkpoint_is_downloaded_once_per_content_and_loads(s3_endpoint, tiny_checkpoint, tmp_path):
     client = boto3.client("s3")
     client.create_bucket(Bucket="models")
     for path in files_of(tiny_checkpoint):
@@ -222,11 +223,22 @@ def test_s3_checkpoint_is_downloaded_once_and_loads(s3_endpoint, tiny_checkpoint
     local = VQDiffusionPipeline.from_pretrained(tiny_checkpoint)
     for ours, theirs in zip(pipe.models(), local.models()):
         assert_same_weights(ours, theirs)
-
-    for key in [item["Key"] for item in client.list_objects_v2(Bucket="models")["Contents"]]:
-        client.delete_object(Bucket="models", Key=key)
-    again = VQDiffusionPipeline.from_pretrained("s3://models/tiny/seed0")  # from the cache: the bucket is empty now
+    cached = tmp_path / "cache" / "s3" / "models" / "tiny" / "seed0"
+    (download,) = cached.iterdir()
+    written = {path: path.stat().st_mtime_ns for path in files_of(download)}
+    again = VQDiffusionPipeline.from_pretrained("s3://models/tiny/seed0")  # unchanged objects: the same download
     assert_same_weights(again.transformer, local.transformer)
+    assert list(cached.iterdir()) == [download] and {path: path.stat().st_mtime_ns for path in written} == written
+
+    retrained = write_tiny_checkpoint(tmp_path / "seed1", seed=1)
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    client.upload_file(str(retrained / weights), "models", f"tiny/seed0/{weights}")  # the object changes
+    with ThreadPoolExecutor(2) as pool:  # two loaders on one machine at once: each sees a whole folder
+        loaded = list(pool.map(VQDiffusionPipeline.from_pretrained, ["s3://models/tiny/seed0"] * 2))
+    for pipe in loaded:
+        assert_same_weights(pipe.transformer, VQDiffusionPipeline.from_pretrained(retrained).transformer)
+        assert_same_weights(pipe.vqvae, local.vqvae)
+    assert len(list(cached.iterdir())) == 2 and not list(cached.glob(".*"))  # a new download, no partial left
     with pytest.raises(FileNotFoundError, match="no checkpoint files under s3://models/other"):
         VQDiffusionPipeline.from_pretrained("s3://models/other")
 

@@ -15,7 +15,7 @@ from vqbatch.config import S3Config, load_job_config
 from vqbatch.engine import run_job
 from vqbatch.io.examples import EXAMPLE_PROMPTS
 from vqbatch.models.weight_files import check_safetensors_complete
-from vqbatch.preflight import check_checkpoint
+from vqbatch.preflight import check_checkpoint, check_output_location
 from vqbatch.tiny import write_tiny_checkpoint
 
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::")
@@ -192,3 +192,75 @@ def test_hub_checkpoint_is_checked_from_its_configs_alone(offline_hub, tiny_chec
     with pytest.raises(ValueError, match=r"sampling.steps: value 500 .*'vqbatch-tests/tiny'.*\[1, 100\]"):
         check_checkpoint(job("vqbatch-tests/tiny", tmp_path).model,
                          job("vqbatch-tests/tiny", tmp_path, steps=500).sampling, S3Config())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs that cannot be written, or that a later run would read as input: refused before Ray starts
+
+
+def output_job(inputs, output, model):
+    return load_job_config(None, {"input.paths": inputs, "output.uri": str(output), "model.uri": str(model)})
+
+
+def prompts_in(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(EXAMPLE_PROMPTS, folder / "prompts.parquet")
+    return folder
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_refused(tiny_checkpoint, tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a dataset")
+    with pytest.raises(ValueError, match=r"output.uri: '.*taken.txt' is an existing file; give a folder"):
+        run_job(output_job([str(EXAMPLE_PROMPTS)], taken, tiny_checkpoint))
+    with pytest.raises(ValueError, match=r"output.uri: '.*taken.txt/out' cannot be created: .*taken.txt is a file"):
+        run_job(output_job([str(EXAMPLE_PROMPTS)], taken / "out", tiny_checkpoint))
+    assert_no_ray()
+    message = refused_by_cli(["generate", "--input", str(EXAMPLE_PROMPTS), "--output", "/sys/vqbatch-out",
+                              "--model", str(tiny_checkpoint)], capsys)
+    assert "output.uri: '/sys/vqbatch-out' is not writable (/sys: " in message and "write permission" in message
+    assert taken.read_text() == "not a dataset" and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("inputs, output", [
+    (["data"], "data/out"),
+    (["data/"], "./data/./out/"),
+    (["data/*.parquet"], "data/sub/../out"),
+    (["data/prompts.parquet", "data"], "data"),
+    (["link"], "data/out"),  # the same folder through a symbolic link
+])
+def test_a_local_output_inside_an_input_folder_is_refused(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                         inputs, output):
+    monkeypatch.chdir(tmp_path)
+    prompts_in(tmp_path / "data")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    message = refused_by_cli(["generate", *(f"--input={path}" for path in inputs), "--output", output,
+                              "--model", str(tiny_checkpoint)], capsys)
+    assert f"output.uri: {output!r} lies inside the input folder" in message
+    assert "choose an output outside the input folders" in message
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["prompts.parquet"]
+
+
+def test_an_output_beside_the_input_is_accepted(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts_in(tmp_path / "data")
+    for inputs, output in ((["data/prompts.parquet"], "data/out"), (["data"], "data-out"), (["data/*.parquet"], "out")):
+        check_output_location(output_job(inputs, output, tiny_checkpoint))
+
+
+def test_an_s3_output_inside_an_input_prefix_is_refused(s3_endpoint, tiny_checkpoint, tmp_path, capsys):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="data")
+    client.upload_file(str(EXAMPLE_PROMPTS), "data", "prompts/part-0.parquet")
+    client.put_object(Bucket="data", Key="file-not-folder", Body=b"x")
+    for inputs, output in ((["s3://data/prompts"], "s3://data//prompts/./out"),
+                           (["s3://data/prompts/*.parquet"], "s3://data/prompts/v2/"),
+                           (["s3://data/prompts/"], "s3://data/prompts")):
+        message = refused_by_cli(["generate", *(f"--input={path}" for path in inputs), "--output", output,
+                                  "--model", str(tiny_checkpoint)], capsys)
+        assert f"output.uri: {output!r} lies inside the input folder {inputs[0]!r}" in message
+    message = refused_by_cli(["generate", "--input", "s3://data/prompts", "--output", "s3://data/file-not-folder",
+                              "--model", str(tiny_checkpoint)], capsys)
+    assert "output.uri: 's3://data/file-not-folder' is an existing file" in message
+    check_output_location(output_job(["s3://data/prompts/part-0.parquet"], "s3://data/prompts/out", tiny_checkpoint))
+    check_output_location(output_job(["s3://data/prompts"], "s3://data/prompts-out", tiny_checkpoint))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vqbatch.config import ComputeConfig, JobConfig, ModelConfig, SamplingConfig
+from vqbatch.config import ComputeConfig, JobConfig, ModelConfig, S3Config, SamplingConfig
 
 PROBE_BATCHES = (1, 4)  # the line's two points; 4 images keep the difference far above the allocator's noise
 PROBE_STEPS = 2  # t = 1, a full posterior step, and t = 0, the last step's shortcut
@@ -138,7 +138,7 @@ def memory_budget(device: torch.device, compute: ComputeConfig) -> float:
 
 # Builds the actor's model (`vqbatch.sampler.build_model`): it has `sample(prompts, seeds)`, `reshaped(batch_shape)`
 # and a `device`.
-ModelBuilder = Callable[[ModelConfig, SamplingConfig, int], Any]
+ModelBuilder = Callable[[ModelConfig, SamplingConfig, int, S3Config], Any]
 
 
 def probe_batch_size(config: JobConfig, build_model: ModelBuilder) -> int:
@@ -149,7 +149,7 @@ def probe_batch_size(config: JobConfig, build_model: ModelBuilder) -> int:
     """
     model = build_model(config.model.model_copy(update={"compile": None}),
                         config.sampling.model_copy(update={"steps": PROBE_STEPS, "timestep_spacing": "reference"}),
-                        max(PROBE_BATCHES))
+                        max(PROBE_BATCHES), config.s3)
     device = torch.device(model.device)
     line = measure_line(lambda prompts, seeds: model.reshaped(len(prompts)).sample(prompts, seeds), device)
     return largest_batch(line, memory_budget(device, config.compute))

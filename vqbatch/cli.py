@@ -292,6 +292,7 @@ def add_rerun_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch shape for datasets that recorded none "
                         "(default 8); others are sampled at the shape they were made with")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at the rerun folder")
+    add_s3_flag(parser)
     add_threads_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -300,7 +301,7 @@ def add_rerun_command(commands: argparse._SubParsersAction) -> None:
         try:
             use_threads(args.threads)
             summary = rerun(args.output, ids=args.ids, where=args.where, into=args.into, batch_size=args.batch_size,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, s3=job_s3(args))
         except (ValueError, FileNotFoundError) as error:
             return report_job_error(error)
         skipped = f"; skipped {len(summary.skipped)} error row(s) without a seed" if summary.skipped else ""
@@ -319,6 +320,7 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch shape for datasets that recorded none "
                         "(default 8); others are sampled at the shape they were made with")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_s3_flag(parser)
     add_threads_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -328,13 +330,26 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
 
         try:
             use_threads(args.threads)
-            report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size)
+            report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size,
+                            s3=job_s3(args))
         except (ValueError, FileNotFoundError) as error:
             return report_job_error(error)
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
         return 0 if report.passed else 1
 
     parser.set_defaults(run=run)
+
+
+def add_s3_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="JOB_YAML", help="job YAML whose s3 section (endpoint, region, "
+                                                             "credentials) reads the dataset and its model; other "
+                                                             "sections are ignored (default: the AWS_* variables)")
+
+
+def job_s3(args: argparse.Namespace):
+    from vqbatch.config import load_s3_config
+
+    return load_s3_config(args.config)
 
 
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
@@ -361,12 +376,14 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", metavar="DIR", help="folder for the report (default: OUTPUT/report, or ./report "
                                                     "for an s3:// OUTPUT)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of images (default 0)")
+    add_s3_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
         from vqbatch.report import write_report
 
         try:
-            files = write_report(args.output, args.to, sample=args.sample, seed=args.seed)
+            files = write_report(args.output, args.to, sample=args.sample, seed=args.seed,
+                                 s3=job_s3(args))
         except (ValueError, FileNotFoundError) as error:
             return report_job_error(error)
         print(f"open {files.html.resolve()} ({files.images} images with their prompts; contact sheet: "
@@ -381,12 +398,13 @@ def add_inspect_command(commands: argparse._SubParsersAction) -> None:
                                                  "kind, parameters, size, formats) and show one row in full")
     parser.add_argument("output", metavar="OUTPUT", help="the dataset's output folder or s3:// prefix")
     parser.add_argument("--id", dest="row_id", metavar="ID", help="the row shown in full (default: the first)")
+    add_s3_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
         from vqbatch.inspection import inspect_dataset
 
         try:
-            print(inspect_dataset(args.output, args.row_id), end="")
+            print(inspect_dataset(args.output, args.row_id, s3=job_s3(args)), end="")
         except (ValueError, FileNotFoundError) as error:
             return report_job_error(error)
         return 0
@@ -402,6 +420,7 @@ def add_decode_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", required=True, metavar="DIR", help="folder for the image files")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, help="file format (default: the dataset's)")
     parser.add_argument("--size", type=int, metavar="S", help="pixels per side (default: the model's image size)")
+    add_s3_flag(parser)
     add_threads_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -409,7 +428,8 @@ def add_decode_command(commands: argparse._SubParsersAction) -> None:
 
         try:
             use_threads(args.threads)
-            written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size)
+            written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size,
+                                  s3=job_s3(args))
         except (ValueError, FileNotFoundError) as error:
             return report_job_error(error)
         print(f"decoded {len(written)} image(s) from stored tokens into {args.to}")

@@ -184,6 +184,26 @@ def load_job_config(yaml_path: str | Path | None = None, overrides: Mapping[str,
     return validate_job_config(settings)
 
 
+class S3Section(BaseModel):
+    """The `s3` section of a job YAML, for commands that only read or write datasets (rerun, verify, report, ...)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    s3: S3Config = S3Config()
+
+
+def load_s3_config(yaml_path: str | Path | None) -> S3Config:
+    """The `s3` section of the job YAML at `yaml_path` (the other sections are not needed and not checked); the
+    AWS environment variables alone when no file is given. Problems are reported as `load_job_config` does."""
+    if yaml_path is None:
+        return S3Config()
+    try:
+        return S3Section.model_validate(read_yaml(yaml_path)).s3
+    except ValidationError as error:
+        problems = describe_problems(error)
+    raise ValueError(problems)
+
+
 def validate_job_config(settings: Mapping[str, Any]) -> JobConfig:
     """The config, or a ValueError raised outside the `except` block: pydantic's error, which quotes every value
     given (credentials too), is not even its hidden context."""

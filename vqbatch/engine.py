@@ -12,7 +12,7 @@ the same generation fingerprint and the rows a killed run of the same version al
 writing the manifest last.
 
 This is the only module that talks to Ray Data. Everything a job needs is checked before Ray starts and before any
-model loads (`open_input`, `prepare_output`, `vqbatch.preflight.check_checkpoint`).
+model loads (`open_input`, `prepare_output`, `vqbatch.preflight`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from vqbatch.io.lease import Lease
 from vqbatch.io.prompts import InputFiles, expand_rows, open_input
 from vqbatch.io.run_stats import run_stats, write_run_stats
 from vqbatch.keys import KEY_COLUMNS, key_column
-from vqbatch.preflight import check_checkpoint
+from vqbatch.preflight import check_checkpoint, check_output_location
 from vqbatch.sampler import build_model, sample_rows
 
 LOG = logging.getLogger("vqbatch")  # what the driver tells the user; the CLI prints it (Ray's own lines go elsewhere)
@@ -67,7 +67,7 @@ class SampleBatches:
         self.actor = context.get_actor_id()
         if context.was_current_actor_reconstructed:  # Ray restarted this actor after its process died
             ledger.actor_restarted.remote()
-        self.model = build_model(config.model, config.sampling, config.compute.batch_size)
+        self.model = build_model(config.model, config.sampling, config.compute.batch_size, config.s3)
         self.sampler = ResilientSampler(self.sample_rows)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
@@ -231,6 +231,7 @@ def check_sources(config: JobConfig) -> InputFiles:
     check_kept_columns(config.input)
     inputs = open_input(config.input, config.s3)
     check_checkpoint(config.model, config.sampling, config.s3)
+    check_output_location(config)
     check_output(config.output, config.s3)
     return inputs
 

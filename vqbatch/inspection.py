@@ -126,7 +126,8 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     if size is not None and size < 1:
         raise ValueError(f"--size must be a positive number of pixels, got {size}")
     import torch
-    dataset = StoredDataset.open(output_uri, s3 or S3Config())
+    s3 = s3 or S3Config()
+    dataset = StoredDataset.open(output_uri, s3)
     rows = rows_with_ids(dataset.metadata, ids).filter(pc.field("status") == "ok")
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     for model_uri in sorted(set(rows.column("model").to_pylist())):
         same_model = rows.filter(pc.field("model") == model_uri).to_pylist()
         tokens = torch.as_tensor(np.array([row["tokens"] for row in same_model], np.int64))  # (N, P)
-        pixels = load_decoder(model_uri, dataset.manifest, device).decode(tokens)
+        pixels = load_decoder(model_uri, dataset.manifest, s3, device).decode(tokens)
         for row, image in zip(same_model, pixels):
             chosen = image_format or row["image_format"]
             path = folder / f"{readable_stem(row['id'])}_{row['image_index']}.{EXTENSIONS[chosen]}"
@@ -144,13 +145,13 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     return written
 
 
-def load_decoder(model_uri: str, manifest: dict, device: str):
+def load_decoder(model_uri: str, manifest: dict, s3: S3Config, device: str):
     """The engine's own model class at the dataset's batch shape: its `decode` is the code that made the stored
     images (datasets that recorded no shape decoded each image alone)."""
     from vqbatch.sampler import PipelineModel
 
     model = ModelConfig(uri=model_uri, dtype=manifest["model"]["dtype"], device=device)
-    return PipelineModel.load(model, sampling=None, batch_shape=recorded_batch_shape(manifest) or 1)
+    return PipelineModel.load(model, sampling=None, batch_shape=recorded_batch_shape(manifest) or 1, s3=s3)
 
 
 def resized(pixels: np.ndarray, size: int | None) -> np.ndarray:  # (H, W, 3) uint8

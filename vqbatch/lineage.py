@@ -1,32 +1,33 @@
 """The generation fingerprint: what decides a dataset's sampled tokens and images, so that a run can tell whether the
 rows a dataset holds are the rows it would sample.
 
-The fingerprint holds the model's identity (its config files' contents and its weight files' sizes, or the hub
-revision), the dtype, the sampling parameters, the batch shape every model call is padded to (`compute.batch_size`
-and the decode batch it implies, `vqbatch.sampler`), the image encoding, and the sampler's code version
-(`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more images per prompt are
-more keys. Torch-free and Ray-free.
+The fingerprint holds the model's identity, the dtype, the sampling parameters, the batch shape every model call
+is padded to (`compute.batch_size` and the decode batch it implies, `vqbatch.sampler`), the image encoding, and the
+sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
+images per prompt are more keys. Torch-free and Ray-free.
+
+The model's identity is its content: the SHA-256 of every file of a local checkpoint (weights, tokenizer and
+configs), read in chunks and kept in a per-machine cache keyed by the file's path, size, times and inode, so a
+multi-GB checkpoint is hashed once; the SHA-256 checksums, else ETags, of an s3:// checkpoint's objects; a hub id's
+resolved commit. A model with other weights of the same shapes is another fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config
-from vqbatch.hub import cache_root, looks_like_hub_id
-from vqbatch.io.filesystems import is_s3, read_bytes, resolve
+from vqbatch.hub import cache_root, is_hidden, looks_like_hub_id, s3_checkpoint_objects
+from vqbatch.io.filesystems import is_s3, s3_client
 from vqbatch.sampler import DECODE_BATCH
 
 SAMPLER_VERSION = 2  # raise it whenever a code change makes the same settings sample other tokens or images
-CONTENT_HASHED_SUFFIXES = (".json", ".txt", ".model", ".yaml")  # small checkpoint files hashed whole
-MAX_HASHED_BYTES = 16 * 2**20  # larger files (weights) are identified by name and size
-
+HASH_CACHE_NAME = "file-digests.sqlite3"  # under `vqbatch.hub.cache_root()`
 
 
 @dataclass(frozen=True)
@@ -68,29 +69,61 @@ def recorded_batch_shape(manifest: dict) -> int | None:
 
 
 def model_identity(model: ModelConfig, s3: S3Config) -> dict:
-    """What names the weights: the hub revision, or each checkpoint file (content hash, or size for weights)."""
+    """What names the weights: the hub revision, or each checkpoint file's content (`checkpoint_files`, or
+    `vqbatch.hub.s3_checkpoint_objects` for an s3:// checkpoint)."""
     if model.uri == NOOP_MODEL:
         return {"kind": NOOP_MODEL}
-    if not is_s3(model.uri) and looks_like_hub_id(model.uri) and not Path(model.uri).expanduser().exists():
+    if is_s3(model.uri):
+        objects = s3_checkpoint_objects(model.uri, s3_client(s3))
+        return {"kind": "files", "files": {relative: item.content_id for relative, item in objects.items()}}
+    folder = Path(model.uri).expanduser()
+    if looks_like_hub_id(model.uri) and not folder.exists():
         return {"kind": "hub", "id": model.uri, "revision": hub_revision(model.uri)}
-    filesystem, root = resolve(model.uri, s3)
-    return {"kind": "files", "files": checkpoint_files(filesystem, root)}
+    return {"kind": "files", "files": checkpoint_files(folder)}
 
 
-def checkpoint_files(filesystem: pafs.FileSystem, root: str) -> dict[str, str]:
-    """{path relative to the checkpoint: "blake2b:<hex>" for config and tokenizer files, "bytes:<size>" else}."""
-    selector = pafs.FileSelector(root, recursive=True)
-    identity = {}
-    for info in filesystem.get_file_info(selector):
-        relative = posixpath.relpath(info.path, root)
-        if info.type != pafs.FileType.File or relative.startswith(".") or "/." in relative:
-            continue
-        if relative.endswith(CONTENT_HASHED_SUFFIXES) and info.size <= MAX_HASHED_BYTES:
-            digest = hashlib.blake2b(read_bytes(filesystem, info.path), digest_size=16).hexdigest()
-            identity[relative] = f"blake2b:{digest}"
-        else:
-            identity[relative] = f"bytes:{info.size}"
-    return dict(sorted(identity.items()))
+def checkpoint_files(folder: Path) -> dict[str, str]:
+    """{path relative to the checkpoint: "sha256:<hex>" of its bytes} for every file but hidden (`.`) ones: weights,
+    tokenizer and configs alike. Each file is hashed once per machine and version (`file_digest`)."""
+    files = sorted(path for path in folder.rglob("*")
+                   if path.is_file() and not is_hidden(path.relative_to(folder).as_posix()))
+    with closing(open_hash_cache()) as cache:
+        return {path.relative_to(folder).as_posix(): file_digest(path, cache) for path in files}
+
+
+def open_hash_cache() -> sqlite3.Connection:
+    """The machine's cache of file digests (`cache_root()/HASH_CACHE_NAME`): one row per absolute path, with the
+    file's `stat_key` when it was hashed. SQLite's locking keeps processes hashing at once from corrupting it."""
+    path = cache_root() / HASH_CACHE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: each statement is one transaction
+    cache.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stat TEXT NOT NULL, "
+                  "digest TEXT NOT NULL)")
+    return cache
+
+
+def file_digest(path: Path, cache: sqlite3.Connection) -> str:
+    """"sha256:<hex>" of the file's bytes, read in chunks; taken from `cache` while the file's path and `stat_key`
+    are those it was hashed at."""
+    path = path.resolve()
+    before = stat_key(path)
+    cached = cache.execute("SELECT digest FROM digests WHERE path = ? AND stat = ?", (str(path), before)).fetchone()
+    if cached:
+        return cached[0]
+    with path.open("rb") as file:
+        digest = f"sha256:{hashlib.file_digest(file, 'sha256').hexdigest()}"
+    if stat_key(path) != before:
+        raise ValueError(f"model.uri: checkpoint file {path} changed while it was hashed; run again once the "
+                         "checkpoint is written")
+    cache.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (str(path), before, digest))
+    return digest
+
+
+def stat_key(path: Path) -> str:
+    """Size, modification and change times (ns) and inode: a file written again, in place or renamed over, differs
+    in one of them (the change time cannot be set back by copying tools)."""
+    info = path.stat()
+    return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
 
 
 def hub_revision(repo_id: str) -> str:

@@ -1,23 +1,30 @@
-"""The job's checkpoint preflight: can this checkpoint run these sampling settings? Answered before Ray starts and
-before any model loads, from the checkpoint's small files alone.
+"""The job's preflight: can this checkpoint run these sampling settings, and can this output be written? Answered
+before Ray starts and before any model loads, from the checkpoint's small files alone.
 
 Read: `model_index.json`, `scheduler/scheduler_config.json` and the tokenizer's file names; for a local folder also
 the header of every safetensors weight file (a file shorter than its header says is a truncated copy). An s3://
-checkpoint is read in place and a hub id fetches only its JSON and text files, so no weights move. Torch-free and
-Ray-free.
+checkpoint is read in place and a hub id fetches only its JSON and text files, so no weights move.
+
+The output (`check_output_location`) must not be an existing file, a local folder must be writable by this process,
+and it must not lie inside an input folder (folders are read recursively, so a later run would read the dataset's
+own Parquet files as prompts). Torch-free and Ray-free.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
-from vqbatch.config import NOOP_MODEL, ModelConfig, S3Config, SamplingConfig
+from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config, SamplingConfig
 from vqbatch.hub import download_hub_snapshot, looks_like_hub_id
-from vqbatch.io.filesystems import exists, is_s3, list_files, read_bytes, resolve
+from vqbatch.io.filesystems import S3_SCHEME, exists, is_s3, list_files, read_bytes, resolve
+from vqbatch.io.prompts import GLOB_CHARACTERS, glob_root
 from vqbatch.models.weight_files import WEIGHTS_NAME, check_safetensors_complete, find_weight_files
 
 MODEL_INDEX = "model_index.json"
@@ -106,3 +113,59 @@ def check_weight_files(root: Path) -> None:
         for path in find_weight_files(root / component, name=stem):
             if path.suffix == ".safetensors":
                 check_safetensors_complete(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_output_location(config: JobConfig) -> None:
+    """A ValueError saying what to fix when `output.uri` is an existing file, a local folder this process cannot
+    write, or a folder inside one of the input folders."""
+    uri = config.output.uri
+    for pattern in config.input.paths:
+        folder = input_folder(pattern, config.s3)
+        if folder is not None and is_within(normalised(uri), folder):
+            raise ValueError(f"output.uri: {uri!r} lies inside the input folder {pattern!r}, which is read with "
+                             "every Parquet file below it: a later run would read the dataset's own metadata as "
+                             "prompts; choose an output outside the input folders")
+    filesystem, root = resolve(uri, config.s3)
+    if filesystem.get_file_info(root).type == pafs.FileType.File:
+        raise ValueError(f"output.uri: {uri!r} is an existing file; give a folder (created when missing) or an "
+                         "s3:// prefix")
+    if not is_s3(uri):
+        check_writable(Path(root), uri)
+
+
+def check_writable(folder: Path, uri: str) -> None:
+    """The output folder, or the nearest folder above it that exists, takes a new file."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output.uri: {uri!r} cannot be created: {existing} is a file; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # unnamed where the OS allows it; deleted on close
+            pass
+    except OSError as error:
+        raise ValueError(f"output.uri: {uri!r} is not writable ({existing}: {error.strerror}); choose a folder this "
+                         "user can write, or give it write permission") from None
+
+
+def input_folder(pattern: str, s3: S3Config) -> str | None:
+    """The folder an input path reads below (`normalised`): a folder itself, or a glob's fixed leading folders;
+    None for a single file."""
+    if any(character in pattern for character in GLOB_CHARACTERS):
+        return normalised(glob_root(pattern) or ".")
+    filesystem, path = resolve(pattern, s3)
+    return normalised(pattern) if filesystem.get_file_info(path).type == pafs.FileType.Directory else None
+
+
+def normalised(uri: str) -> str:
+    """One spelling per location: `s3://bucket/a/b` without `//`, `.` or a trailing `/`; a local path absolute,
+    with `~`, `..` and symbolic links resolved."""
+    if is_s3(uri):
+        return S3_SCHEME + posixpath.normpath(uri[len(S3_SCHEME):]).strip("/")
+    return os.path.realpath(os.path.expanduser(uri))
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")

@@ -156,12 +156,12 @@ def comparison(column: pc.Expression, op: ast.cmpop, value: ast.AST, condition: 
 # Regeneration
 # ---------------------------------------------------------------------------------------------------------------
 
-def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
+def regenerate(rows: pa.Table, manifest: dict, batch_size: int, s3: S3Config,
                device: str = "auto") -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Tokens (P,) and pixels (H, W, 3) uint8 of each ok row of `rows`, in row order, from its stored seed.
 
     Rows are grouped by their stored model and sampling parameters; each group loads the engine's sampler once
-    and samples its rows at the batch shape the dataset was sampled at (`batch_size` for datasets that did not
+    (an s3:// model read with `s3`) and samples its rows at the batch shape the dataset was sampled at (`batch_size` for datasets that did not
     record one), each call padded to that shape as the engine's were.
     """
     assert set(rows.column("status").to_pylist()) <= {"ok"}, "only ok rows have a seed to regenerate from"
@@ -171,7 +171,7 @@ def regenerate(rows: pa.Table, manifest: dict, batch_size: int,
     tokens, pixels = [None] * rows.num_rows, [None] * rows.num_rows
     prompts, seeds = rows.column("prompt").to_pylist(), rows.column("seed").to_pylist()
     for (model, sampling), positions in parameter_groups(rows, manifest, device):
-        sampler = build_model(model, sampling, batch_shape)  # the engine's sampler: the code that made the dataset
+        sampler = build_model(model, sampling, batch_shape, s3)  # the engine's sampler: the code that made the dataset
         for batch in chunks(positions, batch_shape):
             batch_tokens, batch_pixels = sampler.sample([prompts[i] for i in batch], [seeds[i] for i in batch])
             for position, row_tokens, image in zip(batch, batch_tokens, batch_pixels):
@@ -228,7 +228,7 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
     into = into or posixpath.join(output_uri.rstrip("/"), RERUNS_DIR, f"rerun-{keys_digest(chosen)}")
     config = rerun_config(source, chosen, into, batch_size, overwrite, device)
     check_output(config.output, s3)
-    tokens, pixels = regenerate(chosen, source.manifest, batch_size, device)
+    tokens, pixels = regenerate(chosen, source.manifest, batch_size, s3, device)
     location = prepare_output(config.output, s3)
     image_rows = chosen.select([*IMAGE_ROW_SCHEMA.names, *source.kept_columns])
     per_file, folder = config.output.rows_per_file, version_folder(1)
@@ -309,11 +309,12 @@ def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3:
     tokens and image with what the dataset stores, bit for bit."""
     if sample < 1:
         raise ValueError(f"sample must be a positive number of rows, got {sample}")
-    dataset = StoredDataset.open(output_uri, s3 or S3Config())
+    s3 = s3 or S3Config()
+    dataset = StoredDataset.open(output_uri, s3)
     population = dataset.ok_rows()
     drawn = sorted(random.Random(seed).sample(range(population.num_rows), min(sample, population.num_rows)))
     rows = population.take(drawn)
-    tokens, pixels = regenerate(rows, dataset.manifest, batch_size, device)
+    tokens, pixels = regenerate(rows, dataset.manifest, batch_size, s3, device)
     quality = dataset.manifest["output"]["image_quality"]
     stored = shard_format(dataset.output_format).image_bytes(dataset.location.filesystem, dataset.location.root, rows)
     checks = [check_row(row, row_tokens, image, stored_image, quality)

@@ -1,6 +1,6 @@
 """The actor's model, without Ray: load it once, then sample batches of (prompt, seed) rows.
 
-    build_model(model, sampling, batch_shape)        PipelineModel (a checkpoint) or NoopModel ("noop")
+    build_model(model, sampling, batch_shape, s3)    PipelineModel (a checkpoint) or NoopModel ("noop")
       -> model.sample(prompts, seeds)                tokens (N, P) and uint8 pixels (N, H, W, 3)
       -> model.prompt_truncated(prompts)             whether the tokenizer cuts each prompt
     sample_rows(model, prompts, seeds)               all three per row, what an engine actor stores
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vqbatch.config import NOOP_MODEL, ModelConfig, SamplingConfig
+from vqbatch.config import NOOP_MODEL, ModelConfig, S3Config, SamplingConfig
 from vqbatch.io.images import to_uint8
 
 if TYPE_CHECKING:  # torch loads only where a model samples: not in Ray's read and write workers
@@ -56,16 +56,20 @@ class PipelineModel:
         self.device = pipe.device.type
 
     @classmethod
-    def load(cls, model: ModelConfig, sampling: SamplingConfig, batch_shape: int) -> "PipelineModel":
-        """Load the checkpoint `model.uri` in `model.dtype` on `model.device` (auto: cuda when there is one)."""
+    def load(cls, model: ModelConfig, sampling: SamplingConfig, batch_shape: int,
+             s3: S3Config = S3Config()) -> "PipelineModel":
+        """Load the checkpoint `model.uri` (an s3:// one read with the job's `s3` settings) in `model.dtype` on
+        `model.device` (auto: cuda when there is one)."""
         import torch
         import transformers
 
+        from vqbatch.hub import local_checkpoint
         from vqbatch.pipeline import VQDiffusionPipeline
 
         transformers.utils.logging.disable_progress_bar()  # no one watches an actor's weight-loading bar
         device = ("cuda" if torch.cuda.is_available() else "cpu") if model.device == "auto" else model.device
-        pipe = VQDiffusionPipeline.from_pretrained(model.uri, torch_dtype=getattr(torch, model.dtype), device=device)
+        pipe = VQDiffusionPipeline.from_pretrained(local_checkpoint(model.uri, s3=s3),
+                                                   torch_dtype=getattr(torch, model.dtype), device=device)
         if model.compile:
             pipe.compile_transformer(model.compile)
         return cls(pipe, sampling, batch_shape)
@@ -135,11 +139,13 @@ class NoopModel:
         return [None] * len(prompts)  # no tokenizer: not known
 
 
-def build_model(model: ModelConfig, sampling: SamplingConfig, batch_shape: int) -> PipelineModel | NoopModel:
-    """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`."""
+def build_model(model: ModelConfig, sampling: SamplingConfig, batch_shape: int,
+                s3: S3Config = S3Config()) -> PipelineModel | NoopModel:
+    """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`, an s3:// one read
+    with the job's `s3` settings."""
     if model.uri == NOOP_MODEL:
         return NoopModel(model, sampling, batch_shape)
-    return PipelineModel.load(model, sampling, batch_shape)
+    return PipelineModel.load(model, sampling, batch_shape, s3)
 
 
 def sample_rows(model: PipelineModel | NoopModel, prompts: list[str],

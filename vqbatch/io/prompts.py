@@ -150,8 +150,12 @@ def expand_pattern(filesystem: pafs.FileSystem, path: str) -> list[str]:
 def expand_glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:
     if isinstance(filesystem, pafs.LocalFileSystem):
         return sorted(path for path in globbing.glob(pattern, recursive=True) if posixpath.isfile(path))
-    root = pattern[:min(pattern.index(c) for c in GLOB_CHARACTERS if c in pattern)].rsplit("/", 1)[0]
-    return [path for path in list_files(filesystem, root) if fnmatch.fnmatchcase(path, pattern)]
+    return [path for path in list_files(filesystem, glob_root(pattern)) if fnmatch.fnmatchcase(path, pattern)]
+
+
+def glob_root(pattern: str) -> str:
+    """The folders of a glob before its first wildcard: everything it matches lies below them."""
+    return pattern[:min(pattern.index(c) for c in GLOB_CHARACTERS if c in pattern)].rsplit("/", 1)[0]
 
 
 def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]:
