@@ -115,7 +115,8 @@ class FakeModel:
 def test_probe_measures_the_actors_model_uncompiled_over_two_steps(monkeypatch):
     built = []
 
-    def build(model, sampling, batch_shape):
+    def build(model, sampling, batch_shape, s3):
+        assert s3 is config.s3  # the job's S3 settings reach model loading
         built.append(FakeModel(model, sampling, batch_shape))
         return built[-1]
 
@@ -159,4 +160,4 @@ def test_engine_resolves_auto_in_a_ray_task_with_the_tiny_model(local_ray, tmp_p
 
 def test_noop_model_gets_the_limit():
     model = build_model(job("noop").model, job("noop").sampling, 1)
-    assert probe_batch_size(job("noop", batch_size="auto"), lambda m, s, b: model) == AUTO_BATCH_LIMIT
+    assert probe_batch_size(job("noop", batch_size="auto"), lambda m, s, b, s3: model) == AUTO_BATCH_LIMIT

@@ -15,7 +15,6 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from vqbatch.cli import main
 from vqbatch.config import ModelConfig, S3Config, load_job_config
@@ -132,14 +131,6 @@ def test_s3_objects_are_named_by_their_sha256_checksum_else_their_etag(s3_endpoi
 
 # ---------------------------------------------------------------------------------------------------------------
 # refresh with a retrained model of the same shapes
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 def test_refresh_with_other_weights_of_the_same_shapes_is_a_changed_fingerprint(local_ray, tiny_pair, cache,

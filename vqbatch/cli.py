@@ -302,7 +302,7 @@ def add_rerun_command(commands: argparse._SubParsersAction) -> None:
             use_threads(args.threads)
             summary = rerun(args.output, ids=args.ids, where=args.where, into=args.into, batch_size=args.batch_size,
                             overwrite=args.overwrite, s3=job_s3(args))
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             return report_job_error(error)
         skipped = f"; skipped {len(summary.skipped)} error row(s) without a seed" if summary.skipped else ""
         print(f"reran {summary.rows} image(s) -> {summary.output_uri}{skipped}")
@@ -332,7 +332,7 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
             use_threads(args.threads)
             report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size,
                             s3=job_s3(args))
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             return report_job_error(error)
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
         return 0 if report.passed else 1
@@ -384,7 +384,7 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
         try:
             files = write_report(args.output, args.to, sample=args.sample, seed=args.seed,
                                  s3=job_s3(args))
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             return report_job_error(error)
         print(f"open {files.html.resolve()} ({files.images} images with their prompts; contact sheet: "
               f"{files.contact_sheet.resolve()})")
@@ -405,7 +405,7 @@ def add_inspect_command(commands: argparse._SubParsersAction) -> None:
 
         try:
             print(inspect_dataset(args.output, args.row_id, s3=job_s3(args)), end="")
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             return report_job_error(error)
         return 0
 
@@ -430,7 +430,7 @@ def add_decode_command(commands: argparse._SubParsersAction) -> None:
             use_threads(args.threads)
             written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size,
                                   s3=job_s3(args))
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             return report_job_error(error)
         print(f"decoded {len(written)} image(s) from stored tokens into {args.to}")
         return 0

@@ -226,7 +226,7 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
         raise ValueError(f"no ok rows to rerun: the selection holds {selected.num_rows} row(s), none with "
                          "status 'ok'")
     into = into or posixpath.join(output_uri.rstrip("/"), RERUNS_DIR, f"rerun-{keys_digest(chosen)}")
-    config = rerun_config(source, chosen, into, batch_size, overwrite, device)
+    config = rerun_config(source, chosen, into, batch_size, overwrite, s3, device)
     check_output(config.output, s3)
     tokens, pixels = regenerate(chosen, source.manifest, batch_size, s3, device)
     location = prepare_output(config.output, s3)
@@ -245,8 +245,9 @@ def rerun(output_uri: str, ids: list[str] | None = None, where: str | None = Non
 
 
 def rerun_config(source: StoredDataset, chosen: pa.Table, into: str, batch_size: int, overwrite: bool,
-                 device: str) -> JobConfig:
-    """The job config a rerun writes with: the source's settings and the chosen rows' one parameter set."""
+                 s3: S3Config, device: str) -> JobConfig:
+    """The job config a rerun writes with: the source's settings, the chosen rows' one parameter set, and the S3
+    settings the rerun was given (its shards are written through them)."""
     groups = list(parameter_groups(chosen, source.manifest, device))
     if len(groups) > 1:
         sets = "; ".join(f"{model.uri} {sampling.model_dump(include=set(PARAMETER_COLUMNS))}"
@@ -256,7 +257,7 @@ def rerun_config(source: StoredDataset, chosen: pa.Table, into: str, batch_size:
     (model, sampling), _ = groups[0]
     output = OutputConfig(**{**source.manifest["output"], "uri": into, "mode": "overwrite" if overwrite else "error"})
     return JobConfig(input={"paths": source.metadata_uris}, model=model, sampling=sampling,
-                     compute={"batch_size": recorded_batch_shape(source.manifest) or batch_size}, output=output)
+                     compute={"batch_size": recorded_batch_shape(source.manifest) or batch_size}, output=output, s3=s3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
