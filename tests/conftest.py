@@ -27,24 +27,6 @@ def offline_hub(monkeypatch, tmp_path):
     return tmp_path / "cache" / "hub"
 
 
-def start_local_ray():
-    """A fresh local Ray of 2 CPUs, its workers with one torch thread each (they inherit this process's environment)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """`start_local_ray` for a module's tests (modules may define their own)."""
-    import ray
-
-    start_local_ray()
-    yield
-    ray.shutdown()
-
-
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

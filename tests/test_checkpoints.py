@@ -2,6 +2,7 @@
 s3:// against a local moto server, and hub ids without a network."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -223,7 +224,7 @@ def test_s3_checkpoint_is_downloaded_once_per_content_and_loads(s3_endpoint, tin
     local = VQDiffusionPipeline.from_pretrained(tiny_checkpoint)
     for ours, theirs in zip(pipe.models(), local.models()):
         assert_same_weights(ours, theirs)
-    cached = tmp_path / "cache" / "s3" / "models" / "tiny" / "seed0"
+    cached = Path(os.environ["VQBATCH_CACHE"]) / "s3" / "models" / "tiny" / "seed0"
     (download,) = cached.iterdir()
     written = {path: path.stat().st_mtime_ns for path in files_of(download)}
     again = VQDiffusionPipeline.from_pretrained("s3://models/tiny/seed0")  # unchanged objects: the same download

@@ -14,7 +14,7 @@ import ray
 import yaml
 from pydantic import SecretStr
 
-from conftest import free_port, start_local_ray
+from conftest import free_port, ray_started_locally
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, load_s3_config
 from vqbatch.tiny import write_tiny_checkpoint
@@ -25,21 +25,14 @@ SECRETS = (ACCESS_KEY, SECRET_KEY)
 
 
 @pytest.fixture
-def s3_only_in_yaml(monkeypatch, tmp_path):
-    """A moto S3 server on loopback; no AWS_* variable set, so only a config's s3 section can reach it. Returns
+def s3_only_in_yaml(moto_server, monkeypatch, tmp_path):
+    """The module's moto S3 server with no AWS_* variable set, so only a config's s3 section can reach it. Returns
     (endpoint, a boto3 client for the test's own setup)."""
-    from moto.server import ThreadedMotoServer
-
     for name in [name for name in os.environ if name.startswith("AWS_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("VQBATCH_CACHE", str(tmp_path / "cache"))
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    yield endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-                                 aws_secret_access_key=SECRET_KEY)
-    server.stop()
+    return moto_server, boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                                     aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
 
 
 def write_yaml(path: Path, settings: dict) -> str:
@@ -83,15 +76,12 @@ def test_run_verify_rerun_inspect_and_an_s3_model_with_settings_only_in_the_yaml
         "compute": {"batch_size": 2, "min_actors": 1, "max_actors": 1, "gpus_per_actor": 0},
         "output": {"uri": "s3://data/out", "rows_per_file": 2}, "s3": s3_section(endpoint)})
 
-    start_local_ray()  # after the AWS_* variables were cleared: its workers have none either
-    try:
+    with ray_started_locally():  # after the AWS_* variables were cleared: its workers have none either
         assert main(["generate", "--config", job, "--quiet"]) == 0
         assert main(["verify", "--output", "s3://data/out", "--sample", "3", "--config", job]) == 0
         assert main(["rerun", "--output", "s3://data/out", "--ids", "b", "--into", "s3://data/rerun", "--config",
                      job]) == 0
         assert main(["inspect", "s3://data/out", "--id", "c", "--config", job]) == 0
-    finally:
-        ray.shutdown()
     output = capsys.readouterr()
     assert "verified 3 of 3 ok rows" in output.out and "PASSED" in output.out and "reran 1 image(s)" in output.out
     assert (tmp_path / "cache" / "s3" / "models" / "tiny").is_dir()  # the actors' model came through the YAML
