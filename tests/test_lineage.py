@@ -1,6 +1,7 @@
 """Lineage by content: the fingerprint hashes every checkpoint file (cached per machine), takes S3 objects'
 checksums or ETags, and a model with other weights of the same shapes is a changed fingerprint that `refresh`
-refuses; on a real local Ray, the tiny model, and moto's S3 server over HTTP."""
+refuses; a checkpoint replaced after the run was planned is refused where an actor loads it; on a real local Ray, the
+tiny model, and moto's S3 server over HTTP."""
 
 import base64
 import hashlib
@@ -15,13 +16,16 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from vqbatch.cli import main
-from vqbatch.config import ModelConfig, S3Config, load_job_config
-from vqbatch.engine import refresh, run_job
+from vqbatch.config import ModelConfig, S3Config, SamplingConfig, load_job_config
+from vqbatch.engine import ProgressReport, check_job, refresh, run_job, sample_version
 from vqbatch.hub import s3_checkpoint_objects
 from vqbatch.io.filesystems import s3_client
-from vqbatch.lineage import HASH_CACHE_NAME, checkpoint_files, generation_fingerprint, model_identity
+from vqbatch.lineage import (HASH_CACHE_NAME, ModelChanged, check_model_unchanged, checkpoint_files,
+                             generation_fingerprint, model_identity)
+from vqbatch.sampler import build_model
 from vqbatch.tiny import write_tiny_checkpoint
 
 WEIGHTS = {"learned_classifier_free_sampling_embeddings/diffusion_pytorch_model.safetensors",
@@ -160,3 +164,65 @@ def test_refresh_with_other_weights_of_the_same_shapes_is_a_changed_fingerprint(
     history = json.loads((output / "manifest.json").read_text())["versions"]
     files = [version["fingerprint_parts"]["model"]["files"] for version in history]
     assert {name for name in files[0] if files[0][name] != files[1][name]} == WEIGHTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the planned identity travels to every model load: a checkpoint replaced after planning is refused
+
+TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def test_a_load_compares_the_checkpoint_with_the_planned_identity(tiny_pair, cache, tmp_path):
+    model = ModelConfig(uri=str(shutil.copytree(tiny_pair[0], tmp_path / "model")))
+    planned = {**model_identity(model, S3Config()), "dtype": model.dtype}
+    check_model_unchanged(model, S3Config(), planned)  # the same files: nothing to say
+
+    shutil.copyfile(tiny_pair[1] / TRANSFORMER, tmp_path / "model" / TRANSFORMER)
+    with pytest.raises(ModelChanged, match=f"files.{TRANSFORMER}: 'sha256:") as changed:
+        build_model(model, SamplingConfig(), 2, identity=planned)  # refused before it loads
+    assert str(tmp_path / "model") in str(changed.value) and "tokenizer" not in str(changed.value)
+
+    shutil.copyfile(tiny_pair[0] / TRANSFORMER, tmp_path / "model" / TRANSFORMER)
+    (tmp_path / "model" / "tokenizer" / "added.json").write_text("{}")
+    (tmp_path / "model" / "vqvae" / "config.json").unlink()
+    with pytest.raises(ModelChanged) as changed:
+        check_model_unchanged(model, S3Config(), planned)
+    assert "files.tokenizer/added.json: None -> 'sha256:" in str(changed.value)
+    assert "files.vqvae/config.json: 'sha256:" in str(changed.value) and "-> None" in str(changed.value)
+    assert TRANSFORMER not in str(changed.value)
+    with pytest.raises(ModelChanged, match="dtype: 'float32' -> 'float16'"):
+        check_model_unchanged(model.model_copy(update={"dtype": "float16"}), S3Config(),
+                              {**model_identity(model, S3Config()), "dtype": "float32"})
+
+
+def test_an_s3_load_compares_the_listed_checksums_with_the_planned_identity(s3_endpoint, tiny_pair):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="replaced")
+    for path in files_of(tiny_pair[0]):
+        client.put_object(Bucket="replaced", Key=f"m/{path.relative_to(tiny_pair[0]).as_posix()}",
+                          Body=path.read_bytes(), ChecksumAlgorithm="SHA256")
+    model = ModelConfig(uri="s3://replaced/m")
+    planned = {**model_identity(model, S3Config()), "dtype": model.dtype}
+    check_model_unchanged(model, S3Config(), planned)
+
+    client.put_object(Bucket="replaced", Key=f"m/{TRANSFORMER}", Body=(tiny_pair[1] / TRANSFORMER).read_bytes(),
+                      ChecksumAlgorithm="SHA256")
+    with pytest.raises(ModelChanged, match=f"s3://replaced/m changed since the run was planned .*{TRANSFORMER}"):
+        check_model_unchanged(model, S3Config(), planned)
+
+
+def test_weights_replaced_between_planning_and_the_actors_load_fail_the_job_and_publish_nothing(
+        local_ray, tiny_pair, cache, tmp_path):
+    model, output, prompts = tmp_path / "model", tmp_path / "out", tmp_path / "prompts.parquet"
+    shutil.copytree(tiny_pair[0], model)
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red circle", "a blue square"]}), prompts)
+    config = load_job_config(None, {"input.paths": str(prompts), "output.uri": str(output), "model.uri": str(model),
+                                    "sampling.steps": 2, "compute.batch_size": 2, "compute.min_actors": 1,
+                                    "compute.max_actors": 1, "compute.gpus_per_actor": 0})
+    inputs, plan = check_job(config)  # the driver plans: the fingerprint names the seed-0 weights
+    shutil.copyfile(tiny_pair[1] / TRANSFORMER, model / TRANSFORMER)  # replaced before any actor loads
+
+    with pytest.raises(ray.exceptions.RayActorError, match=f"changed since the run was planned .*{TRANSFORMER}"):
+        sample_version(config, inputs, plan, ProgressReport(plan.pending, None, None), None)
+    assert not (output / "manifest.json").exists()
+    assert not list(output.rglob("*.parquet")) and not list(output.rglob("*.png"))

@@ -57,17 +57,21 @@ SHARD_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa
 class SampleBatches:
     """The actor: loads the model once, then samples whole batches of image rows; error rows pass through.
 
+    `identity` is the model part of the run's planned fingerprint: a checkpoint whose files or objects were replaced
+    since planning is refused when the actor loads it (`vqbatch.lineage.check_model_unchanged`), once per actor, so
+    the job fails instead of publishing rows of two models under one fingerprint.
+
     Sampling goes through a `ResilientSampler`: a row that fails on its own becomes an error row with its message,
     and a batch that runs out of memory is sampled in smaller chunks (`vqbatch.faults`).
     """
 
-    def __init__(self, config: JobConfig, ledger: ray.actor.ActorHandle):
+    def __init__(self, config: JobConfig, ledger: ray.actor.ActorHandle, identity: dict):
         self.ledger = ledger
         context = ray.get_runtime_context()
         self.actor = context.get_actor_id()
         if context.was_current_actor_reconstructed:  # Ray restarted this actor after its process died
             ledger.actor_restarted.remote()
-        self.model = build_model(config.model, config.sampling, config.compute.batch_size, config.s3)
+        self.model = build_model(config.model, config.sampling, config.compute.batch_size, config.s3, identity)
         self.sampler = ResilientSampler(self.sample_rows)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
@@ -323,7 +327,8 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float, pool: 
         # comes at the end, and the block's pixels pile up in the actor. Ray Data runs it inside the read task only
         # while the read keeps Ray's default task options (see the faults below).
         .repartition(target_num_rows_per_block=config.compute.batch_size)
-        .map_batches(SampleBatches, fn_constructor_kwargs=dict(config=config, ledger=ledger), compute=pool,
+        .map_batches(SampleBatches, compute=pool,
+                     fn_constructor_kwargs=dict(config=config, ledger=ledger, identity=plan.fingerprint.parts["model"]),
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
                      num_gpus=num_gpus, num_cpus=config.compute.cpus_per_actor)
         .map_batches(write_shard_rows, fn_kwargs=dict(config=config, folder=plan.folder),

@@ -9,7 +9,8 @@ images per prompt are more keys. Torch-free and Ray-free.
 The model's identity is its content: the SHA-256 of every file of a local checkpoint (weights, tokenizer and
 configs), read in chunks and kept in a per-machine cache keyed by the file's path, size, times and inode, so a
 multi-GB checkpoint is hashed once; the SHA-256 checksums, else ETags, of an s3:// checkpoint's objects; a hub id's
-resolved commit. A model with other weights of the same shapes is another fingerprint.
+resolved commit. A model with other weights of the same shapes is another fingerprint. Every actor compares the
+checkpoint it is about to load with the planned identity (`check_model_unchanged`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def model_identity(model: ModelConfig, s3: S3Config) -> dict:
     if looks_like_hub_id(model.uri) and not folder.exists():
         return {"kind": "hub", "id": model.uri, "revision": hub_revision(model.uri)}
     return {"kind": "files", "files": checkpoint_files(folder)}
+
+
+class ModelChanged(ValueError):
+    """The checkpoint an actor is about to load is not the one the run fingerprinted."""
+
+
+def check_model_unchanged(model: ModelConfig, s3: S3Config, planned: dict) -> None:
+    """Refuse to load a checkpoint whose identity (`model_identity`, cheap: the per-machine digest cache, the S3
+    listing's checksums) is no longer `planned`, the model part of the run's fingerprint: its files or objects were
+    replaced since the run was planned, and its rows would mix two models under one fingerprint."""
+    current = {**model_identity(model, s3), "dtype": model.dtype}
+    changes = fingerprint_changes(planned, current)
+    if changes:
+        raise ModelChanged(f"model.uri: checkpoint {model.uri} changed since the run was planned "
+                           f"({'; '.join(changes)}); refusing to sample rows that would mix two models under one "
+                           "fingerprint, nothing is published; run again once the checkpoint is written")
 
 
 def checkpoint_files(folder: Path) -> dict[str, str]:

@@ -140,9 +140,14 @@ class NoopModel:
 
 
 def build_model(model: ModelConfig, sampling: SamplingConfig, batch_shape: int,
-                s3: S3Config = S3Config()) -> PipelineModel | NoopModel:
+                s3: S3Config = S3Config(), identity: dict | None = None) -> PipelineModel | NoopModel:
     """`model.uri == "noop"` selects `NoopModel`; anything else is a checkpoint for `PipelineModel`, an s3:// one read
-    with the job's `s3` settings."""
+    with the job's `s3` settings. With `identity` (the model part of a generation fingerprint), a checkpoint whose
+    identity differs is refused before it loads (`vqbatch.lineage.ModelChanged`, naming each changed file)."""
+    if identity is not None:
+        from vqbatch.lineage import check_model_unchanged  # lineage imports this module
+
+        check_model_unchanged(model, s3, identity)
     if model.uri == NOOP_MODEL:
         return NoopModel(model, sampling, batch_shape)
     return PipelineModel.load(model, sampling, batch_shape, s3)
