@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, NOISES, SAMPLERS, TIMESTEP_SAMPLINGS,
-                             TIMESTEP_SPACINGS, TRAIN_DTYPES)
+from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, INTEGRITY_CHECKS, NOISES, SAMPLERS,
+                             TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS, TRAIN_DTYPES)
 
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
@@ -319,6 +319,9 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of rows (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch shape for datasets that recorded none "
                         "(default 8); others are sampled at the shape they were made with")
+    parser.add_argument("--integrity", choices=INTEGRITY_CHECKS, default="decode",
+                        help="decode (default): read every published file and decode every stored image; exists: "
+                             "only check that every published file is there (for datasets too large to read whole)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_s3_flag(parser)
     add_threads_flag(parser)
@@ -331,7 +334,7 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
         try:
             use_threads(args.threads)
             report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size,
-                            s3=job_s3(args))
+                            s3=job_s3(args), integrity=args.integrity)
         except (ValueError, OSError) as error:
             return report_job_error(error)
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))

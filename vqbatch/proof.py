@@ -23,22 +23,26 @@ import functools
 import operator
 import posixpath
 import random
+import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
-from vqbatch.io.dataset import check_output, prepare_output, publish, read_manifest, version_folder
+from vqbatch.choices import INTEGRITY_CHECKS, check_choice
+from vqbatch.io.dataset import (check_output, prepare_output, publish, read_manifest, read_metadata,
+                                version_folder)
 from vqbatch.io.filesystems import OutputRoot, resolve, to_uri
 from vqbatch.io.formats import FILE_NAME, METADATA_SCHEMA, sampled_table, shard_format, write_shard
 from vqbatch.io.images import decode_image, encode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
-from vqbatch.keys import keys_digest
+from vqbatch.keys import key_column, keys_digest
 from vqbatch.lineage import recorded_batch_shape
-from vqbatch.io.view import read_dataset
+from vqbatch.io.integrity import Inspection, inspect_shards, lost_input_keys, manifest_count_problems
+from vqbatch.io.view import latest_per_key, read_dataset
 from vqbatch.sampler import build_model
 
 RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
@@ -61,6 +65,16 @@ class StoredDataset:
     def open(cls, uri: str, s3: S3Config) -> "StoredDataset":
         location = OutputRoot(*resolve(uri, s3))
         return cls(location, read_manifest(location), read_dataset(uri, s3))
+
+    @classmethod
+    def inspect(cls, uri: str, s3: S3Config, decode: bool) -> tuple["StoredDataset", Inspection]:
+        """The dataset's rows of its readable metadata files (each key once), and what is lost
+        (`vqbatch.io.integrity`)."""
+        location = OutputRoot(*resolve(uri, s3))
+        manifest = read_manifest(location)
+        output_format = manifest["output"].get("format", "files")
+        inspection = inspect_shards(location, manifest["metadata_files"], output_format, decode)
+        return cls(location, manifest, latest_per_key(read_metadata(location, list(inspection.readable)))), inspection
 
     @property
     def output_format(self) -> str:
@@ -270,17 +284,20 @@ class RowCheck:
     image_index: int
     tokens_differing: int  # latent pixels whose stored and regenerated tokens differ
     pixels_differing: int  # image pixels (H x W positions) that differ; every pixel when the sizes differ
+    problem: str | None = None  # the row's stored files are gone or unreadable: it was not regenerated
 
     @property
     def matches(self) -> bool:
-        return self.tokens_differing == 0 and self.pixels_differing == 0
+        return self.tokens_differing == 0 and self.pixels_differing == 0 and self.problem is None
 
 
 @dataclass(frozen=True)
 class VerifyReport:
     output_uri: str
-    rows_ok: int  # rows with status ok in the dataset: the population sampled from
-    checks: list[RowCheck]
+    rows_ok: int  # intact rows with status ok in the dataset: the population sampled from
+    checks: list[RowCheck]  # the regenerated rows
+    lost: list[RowCheck] = field(default_factory=list)  # rows whose stored files are gone or unreadable
+    problems: list[str] = field(default_factory=list)  # the manifest's counts; lost files whose rows have no name
 
     @property
     def tokens_matched(self) -> int:
@@ -288,57 +305,106 @@ class VerifyReport:
 
     @property
     def images_matched(self) -> int:
-        return sum(check.pixels_differing == 0 for check in self.checks)
+        return sum(check.pixels_differing == 0 and check.problem is None for check in self.checks)
 
     @property
     def mismatches(self) -> list[RowCheck]:
-        return [check for check in self.checks if not check.matches]
+        return self.lost + [check for check in self.checks if not check.matches]
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches
+        return not self.mismatches and not self.problems
 
     def to_dict(self) -> dict:
         return {"output": self.output_uri, "rows_ok": self.rows_ok, "rows_checked": len(self.checks),
                 "tokens_matched": self.tokens_matched, "images_matched": self.images_matched,
-                "passed": self.passed, "mismatches": [asdict(check) for check in self.mismatches]}
+                "rows_lost": len(self.lost), "passed": self.passed,
+                "mismatches": [asdict(check) for check in self.mismatches], "problems": self.problems}
 
 
 def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3: S3Config | None = None,
-           device: str = "auto") -> VerifyReport:
-    """Regenerate `sample` random ok rows (all when fewer; the draw depends only on `seed`) and compare each one's
-    tokens and image with what the dataset stores, bit for bit."""
+           device: str = "auto", integrity: str = "decode") -> VerifyReport:
+    """Check the dataset's integrity (`vqbatch.io.integrity`: every published file there, with `integrity="decode"`
+    every stored image read and decoded; the manifest's counts), then regenerate `sample` random intact ok rows (all
+    when fewer; the draw depends only on `seed`) and compare each one's tokens and image with what the dataset
+    stores, bit for bit. Every row whose files are gone or unreadable is a mismatch naming its problem."""
     if sample < 1:
         raise ValueError(f"sample must be a positive number of rows, got {sample}")
+    check_choice("integrity", integrity, INTEGRITY_CHECKS)
     s3 = s3 or S3Config()
-    dataset = StoredDataset.open(output_uri, s3)
+    dataset, inspection = StoredDataset.inspect(output_uri, s3, decode=integrity == "decode")
+    lost, problems = lost_checks(dataset, inspection, s3)
+    lost_keys = {(check.id, check.image_index) for check in lost}
     population = dataset.ok_rows()
+    population = population.filter(pa.array([key not in lost_keys for key in zip(
+        population.column("id").to_pylist(), population.column("image_index").to_pylist())], pa.bool_()))
     drawn = sorted(random.Random(seed).sample(range(population.num_rows), min(sample, population.num_rows)))
     rows = population.take(drawn)
     tokens, pixels = regenerate(rows, dataset.manifest, batch_size, s3, device)
     quality = dataset.manifest["output"]["image_quality"]
-    stored = shard_format(dataset.output_format).image_bytes(dataset.location.filesystem, dataset.location.root, rows)
-    checks = [check_row(row, row_tokens, image, stored_image, quality)
-              for row, row_tokens, image, stored_image in zip(rows.to_pylist(), tokens, pixels, stored)]
-    return VerifyReport(output_uri, population.num_rows, checks)
+    checks = [check_row(row, row_tokens, image, stored_image(dataset, rows.slice(position, 1)), quality)
+              for position, (row, row_tokens, image) in enumerate(zip(rows.to_pylist(), tokens, pixels))]
+    problems += [*manifest_count_problems(dataset.manifest), *inspection.count_problems]
+    return VerifyReport(output_uri, population.num_rows, checks, lost, problems)
 
 
-def check_row(row: dict, tokens: np.ndarray, pixels: np.ndarray, stored: bytes, quality: int) -> RowCheck:
+def lost_checks(dataset: StoredDataset, inspection: Inspection, s3: S3Config) -> tuple[list[RowCheck], list[str]]:
+    """A failed check per lost row: those of readable metadata files by their problem, those of metadata files that
+    are gone or do not read named from the input files the manifest records; a problem line when they cannot be."""
+    checks = [RowCheck(row["id"], row["image_index"], 0, 0, row["problem"]) for row in inspection.lost_rows]
+    whole = [damage for damage in inspection.damaged if damage.whole]
+    if not whole:
+        return checks, []
+    problem = "; ".join(damage.problem for damage in whole)
+    named = key_column(pa.table({"id": [check.id for check in checks],
+                                 "image_index": pa.array([check.image_index for check in checks], pa.int32())}))
+    try:
+        keys = lost_input_keys(dataset.manifest, pa.concat_arrays([inspection.held, named]), s3)
+    except (ValueError, OSError) as error:
+        return checks, [f"{problem}: its rows cannot be named, the input files the manifest records do not read "
+                        f"({error})"]
+    return checks + [RowCheck(row_id, index, 0, 0, f"not in any readable metadata file ({problem})")
+                     for row_id, index in keys], []
+
+
+def stored_image(dataset: StoredDataset, row: pa.Table) -> bytes | str:
+    """The stored image bytes of a one-row table, or why they cannot be read."""
+    try:
+        return shard_format(dataset.output_format).image_bytes(dataset.location.filesystem, dataset.location.root,
+                                                              row)[0]
+    except (OSError, KeyError, tarfile.TarError) as error:
+        return f"its stored image does not read ({type(error).__name__}: {error})"
+
+
+def check_row(row: dict, tokens: np.ndarray, pixels: np.ndarray, stored: bytes | str, quality: int) -> RowCheck:
     stored_tokens = np.asarray(row["tokens"])  # (P,)
     tokens_differing = (int(np.sum(stored_tokens != tokens)) if stored_tokens.shape == tokens.shape
                         else max(stored_tokens.size, tokens.size))
-    stored_image = decode_image(stored)  # (H, W, 3)
     regenerated = decode_image(encode_image(pixels, row["image_format"], quality))  # (H, W, 3)
-    pixels_differing = (int(np.any(stored_image != regenerated, axis=-1).sum())
-                        if stored_image.shape == regenerated.shape else stored_image.shape[0] * stored_image.shape[1])
+    everywhere = regenerated.shape[0] * regenerated.shape[1]
+    if isinstance(stored, str):
+        return RowCheck(row["id"], row["image_index"], tokens_differing, everywhere, stored)
+    try:
+        stored_pixels = decode_image(stored)  # (H, W, 3)
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        return RowCheck(row["id"], row["image_index"], tokens_differing, everywhere,
+                        f"its stored image does not decode ({type(error).__name__})")
+    pixels_differing = (int(np.any(stored_pixels != regenerated, axis=-1).sum())
+                        if stored_pixels.shape == regenerated.shape else everywhere)
     return RowCheck(row["id"], row["image_index"], tokens_differing, pixels_differing)
 
 
 def format_report(report: VerifyReport) -> str:
     checked = len(report.checks)
-    lines = [f"verified {checked} of {report.rows_ok} ok rows of {report.output_uri}: tokens {report.tokens_matched}"
-             f"/{checked} and images {report.images_matched}/{checked} match bit for bit"]
-    lines += [f"MISMATCH id={check.id!r} image_index={check.image_index}: {check.tokens_differing} token(s) and "
-              f"{check.pixels_differing} pixel(s) differ" for check in report.mismatches]
-    lines.append("PASSED" if report.passed else f"FAILED: {len(report.mismatches)} row(s) do not reproduce")
+    lines = [f"verified {checked} of {report.rows_ok} intact ok rows of {report.output_uri}: tokens "
+             f"{report.tokens_matched}/{checked} and images {report.images_matched}/{checked} match bit for bit"]
+    lines += [f"MISMATCH id={check.id!r} image_index={check.image_index}: " + (check.problem or (
+              f"{check.tokens_differing} token(s) and {check.pixels_differing} pixel(s) differ"))
+              for check in report.mismatches]
+    lines += [f"PROBLEM {problem}" for problem in report.problems]
+    if report.passed:
+        lines.append("PASSED")
+    else:
+        lines.append(f"FAILED: {len(report.lost)} row(s) lost, {len(report.mismatches) - len(report.lost)} row(s) "
+                     f"do not reproduce, {len(report.problems)} problem(s) with the manifest")
     return "\n".join(lines)

@@ -48,6 +48,7 @@ from vqbatch.io.filesystems import OutputRoot, exists, inside_root, list_files, 
 from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name, metadata_name, metadata_schema,
                                parquet_bytes, shard_format)
 from vqbatch.io.held import HeldBuckets, held_rows
+from vqbatch.io.integrity import ShardDamage, inspect_shards
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
@@ -112,7 +113,8 @@ class VersionPlan:
     version: int
     fingerprint: Fingerprint
     history: tuple[dict, ...]  # the published versions, oldest first (the manifest's `versions`)
-    held: pa.Array  # `key_column` of the keys the published versions of this fingerprint hold
+    held: pa.Array  # `key_column` of the intact rows the published versions of this fingerprint hold
+    damaged: tuple[ShardDamage, ...]  # published files of this fingerprint that lost rows (or are lost whole)
     staged: tuple[str, ...]  # complete metadata files a killed run of this version left (adopted)
     done: HeldBuckets  # the held and staged keys (`key_column`), which this run skips
     pending: int  # input keys still to sample
@@ -134,11 +136,11 @@ def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: b
     if history and history[-1]["fingerprint"] != fingerprint.digest and not allow_new_fingerprint:
         raise ValueError(changed_fingerprint_message(config.output.uri, history[-1], fingerprint))
     version = history[-1]["version"] + 1 if history else 1
-    held = read_keys(location, current_files(location, history, fingerprint))
+    published = inspect_shards(location, current_shards(history, fingerprint), config.output.format)
     staged = tuple(staged_files(location, version, fingerprint)) if config.output.mode == "refresh" else ()
-    done = HeldBuckets.of(pc.unique(pa.concat_arrays([held, read_keys(location, staged)])))
-    return VersionPlan(location, version, fingerprint, history, held, staged, done, count_pending(inputs, config, done),
-                       config.output.format)
+    done = HeldBuckets.of(pc.unique(pa.concat_arrays([published.held, read_keys(location, staged)])))
+    return VersionPlan(location, version, fingerprint, history, published.held, published.damaged, staged, done,
+                       count_pending(inputs, config, done), config.output.format)
 
 
 def published_versions(location: OutputRoot) -> list[dict]:
@@ -165,10 +167,6 @@ def current_shards(history: tuple[dict, ...], fingerprint: Fingerprint) -> list[
     """The published metadata files of every version generated for `fingerprint`."""
     return [shard for entry in history if entry["fingerprint"] == fingerprint.digest
             for shard in entry["metadata_files"]]
-
-
-def current_files(location: OutputRoot, history: tuple[dict, ...], fingerprint: Fingerprint) -> list[str]:
-    return [location.path(shard["file"]) for shard in current_shards(history, fingerprint)]
 
 
 def read_keys(location: OutputRoot, paths: list[str] | tuple[str, ...]) -> pa.Array:
@@ -255,9 +253,13 @@ def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig)
              "rows_added": sum(shard["rows"] for shard in shards), "rows_ok": sum(shard["ok"] for shard in shards),
              "rows_failed": sum(shard["errors"] for shard in shards), "input_files": input_uris,
              "batch_size": config.compute.batch_size, "metadata_files": shards}
-    versions = (*plan.history, entry)
-    return publish(plan.location, current_shards(versions, plan.fingerprint), input_uris, config,
-                   versions=list(versions))
+    if plan.damaged:
+        entry["repair"] = repair_record(plan.damaged)
+    versions = (*repaired_history(plan), entry)
+    manifest = publish(plan.location, current_shards(versions, plan.fingerprint), input_uris, config,
+                       versions=list(versions))
+    remove_damaged_files(plan)
+    return manifest
 
 
 def deduplicated_shards(plan: VersionPlan) -> list[dict]:
@@ -269,7 +271,8 @@ def deduplicated_shards(plan: VersionPlan) -> list[dict]:
     for file, new in zip(staged, new_rows(plan, staged)):
         if not new.any():
             continue
-        relative = file.relative if new.all() else rewrite_without(location, file.relative, pa.array(new), plan)
+        relative = (file.relative if new.all() else
+                    rewrite_without(location, file.relative, pa.array(new), plan.folder, plan.output_format))
         rows, ok = int(new.sum()), int(file.ok[new].sum())
         shards[relative] = {"file": relative, "rows": rows, "ok": ok, "errors": rows - ok, "version": plan.version}
     published = {name for relative in shards for name in (relative, *output_format.data_files(relative))}
@@ -324,14 +327,66 @@ def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:
     return masks
 
 
-def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, plan: VersionPlan) -> str:
-    """Write the kept rows of a staged shard (its data first, its metadata file last) as a shard named by their
-    keys; return its metadata file's relative path."""
+def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder: str, output_format: str) -> str:
+    """Write the kept rows of a shard (its data first, its metadata file last) into `folder` as a shard named by
+    their keys; return its metadata file's relative path."""
     table = pq.read_table(location.path(relative), filesystem=location.filesystem).filter(keep)
-    rewritten = posixpath.join(plan.folder, metadata_name(keys_digest(table)))
-    table = shard_format(plan.output_format).rewrite(location.filesystem, location.root, table, relative, rewritten)
+    rewritten = posixpath.join(folder, metadata_name(keys_digest(table)))
+    table = shard_format(output_format).rewrite(location.filesystem, location.root, table, relative, rewritten)
     write_bytes_atomically(location.filesystem, location.path(rewritten), parquet_bytes(table))
     return rewritten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repair: published files that are gone
+# ---------------------------------------------------------------------------------------------------------------
+
+def repair_record(damaged: tuple[ShardDamage, ...]) -> dict:
+    """What a version records of the repair it made: the files found lost or with lost images, and why."""
+    return {"lost_metadata_files": [damage.file for damage in damaged if damage.whole],
+            "metadata_files_with_lost_images": [damage.file for damage in damaged if not damage.whole],
+            "rows_lost": {damage.file: None if damage.whole else int(damage.lost.sum()) for damage in damaged},
+            "problems": [damage.problem for damage in damaged]}
+
+
+def repaired_history(plan: VersionPlan) -> list[dict]:
+    """The published versions without the lost rows: a metadata file lost whole leaves its version's list (named
+    in its `lost_metadata_files`), and one whose rows lost their images is written again, in its own folder, without
+    those rows. Their keys are sampled again by this run."""
+    damage = {damage.file: damage for damage in plan.damaged}
+    history = []
+    for entry in plan.history:
+        shards, lost = [], list(entry.get("lost_metadata_files", []))
+        for shard in entry["metadata_files"]:
+            if shard["file"] not in damage:
+                shards.append(shard)
+            elif damage[shard["file"]].whole or damage[shard["file"]].lost.all():
+                lost.append(shard["file"])
+            else:
+                shards.append(kept_shard(plan, shard, ~damage[shard["file"]].lost))
+        history.append({**entry, "metadata_files": shards, **({"lost_metadata_files": lost} if lost else {})})
+    return history
+
+
+def kept_shard(plan: VersionPlan, shard: dict, keep: np.ndarray) -> dict:
+    """The summary of `shard` written again with only its `keep` rows (bool (N,)) beside the original."""
+    location = plan.location
+    folder = posixpath.dirname(shard["file"])
+    relative = rewrite_without(location, shard["file"], pa.array(keep), folder, plan.output_format)
+    statuses = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=["status"])
+    ok = statuses.column("status").to_pylist().count("ok")
+    return {**shard, "file": relative, "rows": statuses.num_rows, "ok": ok, "errors": statuses.num_rows - ok}
+
+
+def remove_damaged_files(plan: VersionPlan) -> None:
+    """Once the repaired manifest is published: delete what is left of the damaged shards (metadata files that no
+    longer read or were written again, and their data files). Image files of a lost metadata file's rows stay: no
+    readable file names them."""
+    filesystem = plan.location.filesystem
+    for damage in plan.damaged:
+        for relative in {damage.file, *shard_format(plan.output_format).data_files(damage.file)}:
+            if exists(filesystem, plan.location.path(relative)):
+                filesystem.delete_file(plan.location.path(relative))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -162,8 +162,10 @@ class WebDatasetFormat:
         old_tar, new_tar = tar_of(old), tar_of(new)
         kept = {member_of(path) for path in metadata.column("image").to_pylist() if path is not None}
         kept_keys = {name.split(".", 1)[0] for name in kept}
-        members = [(name, data) for name, data in tar_members(read_bytes(filesystem, posixpath.join(root, old_tar)))
-                   if name.split(".", 1)[0] in kept_keys]
+        members = []  # no sample kept: the old tar need not be read (a repair drops the samples of a lost tar)
+        if kept_keys:
+            members = [(name, data) for name, data in tar_members(read_bytes(filesystem, posixpath.join(root, old_tar)))
+                       if name.split(".", 1)[0] in kept_keys]
         write_bytes_atomically(filesystem, posixpath.join(root, new_tar), tar_bytes(members))
         images = [None if path is None else f"{new_tar}/{member_of(path)}"
                   for path in metadata.column("image").to_pylist()]
