@@ -93,8 +93,8 @@ def test_caption_parser_round_trips_and_rejects_other_text():
             parse_caption(text)
 
 
-def engine_dataset(folder, images, prompts, statuses):
-    """A dataset in the engine's output layout, written by the engine's own writer functions."""
+def engine_dataset(folder, images, prompts, statuses, output_format="files"):
+    """A dataset in the engine's output layout and `output_format`, written by the engine's own writer functions."""
     import pyarrow as pa
 
     from vqbatch.config import JobConfig
@@ -102,7 +102,8 @@ def engine_dataset(folder, images, prompts, statuses):
     from vqbatch.io.formats import sampled_table, write_shard
     from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
-    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"}, output={"uri": str(folder)})
+    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
+                       output={"uri": str(folder), "format": output_format})
     rows = pa.Table.from_pylist([dict(id=str(i), prompt=p, image_index=0, seed=i, status=s, error=None)
                                  for i, (p, s) in enumerate(zip(prompts, statuses))], schema=IMAGE_ROW_SCHEMA)
     pixels = [image if status == "ok" else None for image, status in zip(images, statuses)]
@@ -111,7 +112,9 @@ def engine_dataset(folder, images, prompts, statuses):
     publish(location, [write_shard(sampled_table(rows, tokens, pixels), config)], [], config)
 
 
-def test_evaluate_dataset_reports_each_group(tmp_path):
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
+def test_evaluate_dataset_reports_each_group(tmp_path, output_format):
+    """`vqbatch eval` reads a dataset of any format (its images through `read_dataset`)."""
     from vqbatch.train.adherence import evaluate_dataset, format_report
 
     dataset = ShapesDataset(40, seed=9, image_size=32)
@@ -120,7 +123,7 @@ def test_evaluate_dataset_reports_each_group(tmp_path):
     prompts[:10] = prompts[1:11]  # ten images with the wrong caption
     prompts[11] = "a teddy bear playing in the pool"
     statuses = ["error" if i == 12 else "ok" for i in range(40)]
-    engine_dataset(tmp_path / "out", [s.image for s in samples], prompts, statuses)
+    engine_dataset(tmp_path / "out", [s.image for s in samples], prompts, statuses, output_format)
     report = evaluate_dataset(str(tmp_path / "out"))
     assert report["failed_rows"] == 1 and report["unscored_prompts"] == 1
     scored = [i for i in range(40) if i not in (11, 12)]

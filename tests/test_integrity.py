@@ -10,7 +10,6 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch import read_dataset
@@ -24,14 +23,6 @@ from vqbatch.proof import verify
 IDS = [f"r{i}" for i in range(6)]
 IMAGES_PER_PROMPT = 2
 EVERY_KEY = sorted((row_id, index) for row_id in IDS for index in range(IMAGES_PER_PROMPT))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vqbatch.config import InputConfig, S3Config, load_job_config
-from vqbatch.io.dataset import (IMAGES_DIR, MANIFEST_NAME, SUCCESS_NAME, OutputRoot, prepare_output, publish,
+from vqbatch.io.dataset import (MANIFEST_NAME, SUCCESS_NAME, OutputRoot, prepare_output, publish,
                                 read_manifest, read_metadata)
 from vqbatch.io.formats import metadata_schema, sampled_table, write_shard
 from vqbatch.io.card import CARD_NAME
@@ -218,19 +218,24 @@ def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
             stored = decode_image((tmp_path / "out" / row["image"]).read_bytes())
             np.testing.assert_array_equal(stored, image)
     names = sorted(os.listdir(tmp_path / "out"))
-    assert names == sorted([IMAGES_DIR, shard["file"], MANIFEST_NAME, SUCCESS_NAME, CARD_NAME])  # no temporary files
+    assert names == sorted(["images", shard["file"], MANIFEST_NAME, SUCCESS_NAME, CARD_NAME])  # no temporary files
     assert not [name for _, _, files in os.walk(tmp_path / "out") for name in files if name.endswith(".tmp")]
 
 
-def test_an_existing_dataset_is_refused_or_replaced_but_other_files_stay(tmp_path):
+def test_an_existing_dataset_is_refused_or_replaced_and_other_files_refuse_both(tmp_path):
     config = job_config(str(tmp_path))
-    (tmp_path / "keep.txt").write_text("not ours")
     output = prepare_output(config.output, config.s3)
     publish(output, [write_shard(sampled_rows(config)[0], config)], ["x"], config)
     with pytest.raises(ValueError, match="already holds a dataset.*output.mode=overwrite"):
         prepare_output(config.output, config.s3)
-    prepare_output(job_config(str(tmp_path), **{"output.mode": "overwrite"}).output, config.s3)
-    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+    overwrite = job_config(str(tmp_path), **{"output.mode": "overwrite"}).output
+    (tmp_path / "keep.txt").write_text("not ours")
+    with pytest.raises(ValueError, match=r"holds 1 file\(s\) vqbatch did not write \(keep.txt\)"):
+        prepare_output(overwrite, config.s3)
+    assert len(os.listdir(tmp_path)) == 5  # keep.txt, the manifest, _SUCCESS, the card, images/
+    (tmp_path / "keep.txt").unlink()
+    prepare_output(overwrite, config.s3)
+    assert os.listdir(tmp_path) == []
 
 
 def test_s3_input_and_output_through_pyarrow_and_boto3(s3_endpoint, tmp_path):

@@ -7,7 +7,6 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from vqbatch import read_dataset
 from vqbatch.cli import main
@@ -78,14 +77,6 @@ def test_the_seed_text_keeps_the_documented_bytes():
     for row_id, index in PAIRS:
         documented = hashlib.blake2b(f"7/{index}/{row_id}".encode(), digest_size=8).digest()
         assert derived_seed(7, row_id, index) == int.from_bytes(documented, "big") >> 1
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from vqbatch.config import JobConfig, ModelConfig, OutputConfig, S3Config, SamplingConfig
 from vqbatch.choices import INTEGRITY_CHECKS, check_choice
-from vqbatch.io.dataset import (check_output, prepare_output, publish, read_manifest, read_metadata,
+from vqbatch.io.dataset import (RERUNS_DIR, check_output, prepare_output, publish, read_manifest, read_metadata,
                                 version_folder)
 from vqbatch.io.filesystems import OutputRoot, resolve, to_uri
 from vqbatch.io.formats import FILE_NAME, METADATA_SCHEMA, sampled_table, shard_format, write_shard
@@ -45,7 +45,6 @@ from vqbatch.io.integrity import Inspection, inspect_shards, lost_input_keys, ma
 from vqbatch.io.view import latest_per_key, read_dataset
 from vqbatch.sampler import build_model
 
-RERUNS_DIR = "reruns"  # default home of reruns, under the source dataset's root
 PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing", "sampler",
                      "prior_weight", "noise")  # one sampler each
 LEGACY_SAMPLING = {"noise": "gumbel"}  # what datasets written before a setting existed were sampled with
@@ -405,6 +404,6 @@ def format_report(report: VerifyReport) -> str:
     if report.passed:
         lines.append("PASSED")
     else:
-        lines.append(f"FAILED: {len(report.lost)} row(s) lost, {len(report.mismatches) - len(report.lost)} row(s) "
-                     f"do not reproduce, {len(report.problems)} problem(s) with the manifest")
+        lines.append(f"FAILED: {len(report.mismatches) - len(report.lost)} row(s) do not reproduce, "
+                     f"{len(report.lost)} row(s) lost, {len(report.problems)} problem(s) with the manifest")
     return "\n".join(lines)

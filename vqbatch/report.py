@@ -28,12 +28,10 @@ from vqbatch.io.filesystems import is_s3
 from vqbatch.io.formats import shard_format
 from vqbatch.io.images import EXTENSIONS
 from vqbatch.io.run_stats import read_run_stats
-from vqbatch.io.dataset import version_folder
+from vqbatch.io.dataset import CONTACT_SHEET_NAME, REPORT_DIR, REPORT_NAME, version_folder
 from vqbatch.proof import StoredDataset
 
 DEFAULT_SAMPLE = 48
-REPORT_NAME = "report.html"
-CONTACT_SHEET_NAME = "contact_sheet.png"
 ERRORS_SHOWN = 10  # most frequent error messages listed
 MIME_TYPES = {name: f"image/{name}" for name in EXTENSIONS}  # by the stored `image_format`
 SHEET_COLUMNS = 8
@@ -67,7 +65,7 @@ class ReportFiles:
 
 def default_report_folder(output_uri: str) -> Path:
     """`<output>/report` for a local dataset; `./report` for an s3:// one (the page is opened on this machine)."""
-    return Path("report") if is_s3(output_uri) else Path(output_uri).expanduser() / "report"
+    return Path(REPORT_DIR) if is_s3(output_uri) else Path(output_uri).expanduser() / REPORT_DIR
 
 
 def write_report(output_uri: str, to: str | Path | None = None, sample: int = DEFAULT_SAMPLE, seed: int = 0,

@@ -18,8 +18,14 @@ from vqbatch.io.filesystems import write_bytes_atomically
 from vqbatch.io.formats import IMAGE_STRUCT
 
 CARD_NAME = "README.md"
+CARD_MARKER = "written by vqbatch"  # in every card's text: a README.md without it is not a card vqbatch wrote
 ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
                pa.bool_(): "bool"}
+
+
+def is_dataset_card(text: bytes) -> bool:
+    """Whether a `README.md`'s bytes are a card vqbatch wrote."""
+    return CARD_MARKER.encode() in text
 
 
 def hf_feature(field: pa.Field) -> dict:
@@ -62,7 +68,7 @@ def card_text(manifest: dict, schema: pa.Schema) -> str:
 
 # vqbatch synthetic images
 
-Text-to-image samples of **VQ-Diffusion** written by vqbatch: {manifest['rows']} rows,
+Text-to-image samples of **VQ-Diffusion** {CARD_MARKER}: {manifest['rows']} rows,
 {manifest['ok']} with an image and {manifest['errors']} error rows (each with the reason in `error`).
 
 ## Model and parameters

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,22 +44,25 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vqbatch.config import JobConfig, OutputConfig, S3Config
-from vqbatch.io.card import CARD_NAME, write_dataset_card
+from vqbatch.io.card import CARD_NAME, is_dataset_card, write_dataset_card
 from vqbatch.io.filesystems import OutputRoot, exists, inside_root, list_files, read_bytes, write_bytes_atomically
 from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name, metadata_name, metadata_schema,
                                parquet_bytes, shard_format)
 from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.integrity import ShardDamage, inspect_shards
+from vqbatch.io.lease import LEASE_NAME
 from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
 from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
 
 MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
-METADATA_DIR = "metadata"
-IMAGES_DIR = "images"
 VERSIONS_DIR = "versions"
 FINGERPRINT_NAME = "fingerprint.json"
+RERUNS_DIR = "reruns"  # default home of reruns (`vqbatch.proof`): datasets of their own under this one
+REPORT_DIR = "report"  # where `vqbatch report` writes a local dataset's page (`vqbatch.report`)
+REPORT_NAME = "report.html"
+CONTACT_SHEET_NAME = "contact_sheet.png"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,37 +74,122 @@ def version_folder(version: int) -> str:
 
 
 def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
-    """Refuse an output that already holds (part of) a dataset, unless mode is overwrite."""
+    """Refuse an output holding files vqbatch did not write (unless it only refreshes the dataset there), and one
+    that already holds a dataset unless mode is overwrite or refresh."""
     location = OutputRoot.of(output, s3)
-    existing = dataset_parts(location)
-    if existing and output.mode == "error":
-        raise ValueError(f"output {output.uri} already holds a dataset ({', '.join(existing)}); choose an empty "
-                         "output, set output.mode=overwrite (--overwrite) to replace it, or output.mode=refresh "
-                         "(`vqbatch refresh`, `generate --resume`) to add the rows it lacks and finish a killed run")
+    contents = output_contents(location)
+    if contents.foreign and output.mode != "refresh":
+        raise ValueError(f"output {output.uri} holds {len(contents.foreign)} file(s) vqbatch did not write "
+                         f"({', '.join(contents.foreign[:3])}{', ...' if len(contents.foreign) > 3 else ''}); vqbatch "
+                         "writes a dataset only into an empty folder or over a dataset of its own: move them, or "
+                         "choose another output")
+    if contents.own and output.mode == "error":
+        raise ValueError(f"output {output.uri} already holds a dataset ({', '.join(contents.own[:3])}"
+                         f"{', ...' if len(contents.own) > 3 else ''}); choose an empty output, set "
+                         "output.mode=overwrite (--overwrite) to replace it, or output.mode=refresh (`vqbatch "
+                         "refresh`, `generate --resume`) to add the rows it lacks and finish a killed run")
     return location
 
 
 def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
-    """`check_output`, then clear the output for overwrite: only what this layout writes is deleted."""
+    """`check_output`, then clear the output for overwrite: only the files vqbatch wrote there are deleted."""
     location = check_output(output, s3)
-    for name in dataset_parts(location) if output.mode == "overwrite" else ():
-        remove(location.filesystem, location.path(name))
+    if output.mode == "overwrite":
+        delete_files(location, output_contents(location).own)
     return location
 
 
-def dataset_parts(location: OutputRoot) -> list[str]:
-    """What this layout writes at the root: markers, folders, and the shards of a dataset written without versions."""
-    shards = [posixpath.basename(path) for path in list_files(location.filesystem, location.root, recursive=False)
-              if is_shard_name(posixpath.basename(path))]
-    return [name for name in (SUCCESS_NAME, MANIFEST_NAME, CARD_NAME, METADATA_DIR, IMAGES_DIR, VERSIONS_DIR)
-            if exists(location.filesystem, location.path(name))] + shards
+@dataclass(frozen=True)
+class OutputContents:
+    own: list[str]  # files vqbatch wrote (relative paths): what overwrite deletes
+    foreign: list[str]  # files vqbatch did not write: their presence refuses a new dataset or an overwrite
 
 
-def remove(filesystem: pafs.FileSystem, path: str) -> None:
-    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
-        filesystem.delete_dir(path)
-    else:
-        filesystem.delete_file(path)
+def output_contents(location: OutputRoot) -> OutputContents:
+    """Every file under the output root, sorted into vqbatch's own and the foreign ones.
+
+    vqbatch's own: the manifest, `_SUCCESS`, its dataset card, `vqbatch report`'s page and contact sheet; every file
+    a manifest lists; and, inside a version folder that the history records or that holds a `fingerprint.json`
+    (a staged version), the files vqbatch names (`part-<hex>.parquet|tar`, `images/<xx>/<hex>_<n>.<ext>`,
+    `fingerprint.json`, `run.json`) and write-temporaries (`.<name>.<32 hex>.tmp`). The lease (held by a run) is
+    neither, and rerun datasets under `reruns/` are kept: they are datasets of their own.
+    """
+    files = [posixpath.relpath(path, location.root)
+             for path in list_files(location.filesystem, location.root, hidden=True)]
+    listed, folders = published_files(location)
+    folders |= {posixpath.dirname(relative) for relative in files
+                if posixpath.basename(relative) == FINGERPRINT_NAME and VERSION_FOLDER.fullmatch(posixpath.dirname(
+                    relative))}
+    own, foreign = [], []
+    for relative in sorted(files):
+        if relative == LEASE_NAME or relative.startswith(f"{RERUNS_DIR}/"):
+            continue
+        (own if is_own(location, relative, listed, folders) else foreign).append(relative)
+    return OutputContents(own, foreign)
+
+
+VERSION_FOLDER = re.compile(r"versions/v\d{4,}")
+NAMED_IN_VERSION = re.compile(r"part-[0-9a-f]+\.(parquet|tar)|images/[0-9a-f]{2}/[0-9a-f]+_\d+\.(png|jpg|webp)"
+                              r"|fingerprint\.json|run\.json")
+TEMPORARY = re.compile(r"\.[^/]+\.[0-9a-f]{32}\.tmp")  # `write_bytes_atomically`'s and the lease's temporaries
+REPORT_FILES = (f"{REPORT_DIR}/{REPORT_NAME}", f"{REPORT_DIR}/{CONTACT_SHEET_NAME}")
+
+
+def published_files(location: OutputRoot) -> tuple[set[str], set[str]]:
+    """The files the manifest lists (every version's metadata and data files) and the folders they are in ("" for
+    a dataset written without versions); nothing without a manifest."""
+    if not exists(location.filesystem, location.path(MANIFEST_NAME)):
+        return set(), set()
+    manifest = load_manifest(location)
+    output_format = shard_format(manifest.get("output", {}).get("format", "files"))
+    shards = [shard["file"] for entry in (manifest, *manifest.get("versions", []))
+              for shard in entry.get("metadata_files", [])]
+    lost = [file for entry in manifest.get("versions", []) for file in entry.get("lost_metadata_files", [])]
+    listed = {path for relative in shards for path in (relative, *output_format.data_files(relative))}
+    folders = {posixpath.dirname(relative) for relative in (*shards, *lost)}
+    return listed | set(manifest.get("data_files", [])), folders | {""}
+
+
+def is_own(location: OutputRoot, relative: str, listed: set[str], folders: set[str]) -> bool:
+    """Whether vqbatch wrote the file at `relative` (see `output_contents`); `folders` are the version folders."""
+    if relative in (MANIFEST_NAME, SUCCESS_NAME, *REPORT_FILES) or relative in listed:
+        return True
+    if relative == CARD_NAME:
+        return is_dataset_card(read_bytes(location.filesystem, location.path(relative)))
+    if TEMPORARY.fullmatch(posixpath.basename(relative)) and posixpath.dirname(relative) == "":
+        return True
+    for rest in (under(relative, folder) for folder in folders):
+        if rest is not None and (NAMED_IN_VERSION.fullmatch(rest) or TEMPORARY.fullmatch(posixpath.basename(rest))):
+            return True
+    return False
+
+
+def under(relative: str, folder: str) -> str | None:
+    """The path of `relative` inside `folder` ("" for the root), or None when it is elsewhere."""
+    if not folder:
+        return relative
+    return relative[len(folder) + 1:] if relative.startswith(f"{folder}/") else None
+
+
+def delete_files(location: OutputRoot, relatives: list[str]) -> None:
+    """Delete the files `relatives`; on a local output, then the folders they leave empty (deepest first)."""
+    for relative in relatives:
+        location.filesystem.delete_file(location.path(relative))
+    if not isinstance(location.filesystem, pafs.LocalFileSystem):
+        return  # S3 has no folders: a prefix is gone with its last object
+    folders = {posixpath.dirname(relative) for relative in relatives}
+    folders = {ancestor for folder in folders for ancestor in ancestors(folder)}
+    for folder in sorted(folders, key=lambda folder: folder.count("/"), reverse=True):
+        path = location.path(folder)
+        if location.filesystem.get_file_info(path).type == pafs.FileType.Directory and not \
+                location.filesystem.get_file_info(pafs.FileSelector(path)):
+            location.filesystem.delete_dir(path)
+
+
+def ancestors(folder: str) -> list[str]:
+    """`a/b/c` -> [`a/b/c`, `a/b`, `a`]; [] for the root."""
+    parts = folder.split("/") if folder else []
+    return ["/".join(parts[:end]) for end in range(len(parts), 0, -1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +311,8 @@ def start_version(plan: VersionPlan) -> None:
     filesystem = plan.location.filesystem
     folder = plan.location.path(plan.folder)
     if exists(filesystem, folder) and staged_fingerprint(plan.location, plan.version) != plan.fingerprint.digest:
-        remove(filesystem, folder)
+        delete_files(plan.location, [relative for relative in output_contents(plan.location).own
+                                     if relative.startswith(f"{plan.folder}/")])
     remove_temporary_files(filesystem, folder)
     remove_temporary_files(filesystem, plan.location.root, recursive=False)
     record = {"version": plan.version, "fingerprint": plan.fingerprint.digest, "parts": plan.fingerprint.parts}

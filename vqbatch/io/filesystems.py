@@ -158,14 +158,14 @@ def exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(filesystem: pafs.FileSystem, folder: str, recursive: bool = True) -> list[str]:
+def list_files(filesystem: pafs.FileSystem, folder: str, recursive: bool = True, hidden: bool = False) -> list[str]:
     """Every file under `folder` (recursively, or only its own files), sorted; hidden (`.`) and marker (`_`) files
-    left out."""
+    left out unless `hidden`."""
     if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
         return []
     selector = pafs.FileSelector(folder, recursive=recursive)
-    return sorted(info.path for info in filesystem.get_file_info(selector)
-                  if info.type == pafs.FileType.File and not posixpath.basename(info.path).startswith((".", "_")))
+    return sorted(info.path for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File
+                  and (hidden or not posixpath.basename(info.path).startswith((".", "_"))))
 
 
 @dataclass(frozen=True)

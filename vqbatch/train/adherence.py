@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from vqbatch.config import S3Config
-from vqbatch.io.dataset import read_metadata
-from vqbatch.io.filesystems import OutputRoot, read_bytes, resolve
 from vqbatch.io.images import decode_image, to_uint8
+from vqbatch.io.view import read_dataset
 from vqbatch.train.detector import count_specks, parse_caption, score, summarize
 from vqbatch.train.shapes import ShapesDataset
 
@@ -68,11 +67,11 @@ def generate_and_score(pipeline, prompts: list[str], *, batch_size: int = 16, se
 
 
 def evaluate_dataset(uri: str, s3: S3Config | None = None) -> dict:
-    """Adherence of a dataset the engine wrote at `uri` (local folder or s3:// prefix); failed rows are counted."""
-    location = OutputRoot(*resolve(uri, s3 or S3Config()))
-    rows = read_metadata(location).select(["prompt", "image", "status"]).to_pylist()
+    """Adherence of a dataset the engine wrote at `uri` (local folder or s3:// prefix) in any output format (its
+    published view, `read_dataset`, with the image bytes); failed rows are counted."""
+    rows = read_dataset(uri, s3, images=True).select(["prompt", "image", "status"]).to_pylist()
     ok = [row for row in rows if row["status"] == "ok"]
-    pairs = ((decode_image(read_bytes(location.filesystem, location.path(row["image"]))), row["prompt"]) for row in ok)
+    pairs = ((decode_image(row["image"]["bytes"]), row["prompt"]) for row in ok)
     return {**adherence_report(pairs), "failed_rows": len(rows) - len(ok)}
 
 
