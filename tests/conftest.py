@@ -80,17 +80,6 @@ def local_ray():
 SMALL_DATASET_OK = 11  # rows of `small_dataset` with an image; two more are error rows
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of two CPUs for one test module (modules that define their own `local_ray` use theirs)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """The output folder of a small dataset the engine generated on a fresh local Ray with the tiny model (png):

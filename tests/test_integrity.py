@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch import read_dataset
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
@@ -156,7 +155,7 @@ def test_parquet_format_truncated_and_deleted_metadata_files(prompts, tmp_path, 
     check_reported_and_repaired(damage, config, capsys)
 
 
-def test_s3_output_lost_metadata_file_and_image(prompts, s3_endpoint, local_ray, capsys):  # noqa: F811
+def test_s3_output_lost_metadata_file_and_image(prompts, s3_endpoint, local_ray, capsys):
     boto3.client("s3").create_bucket(Bucket="integrity")
     s3 = S3Config(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
     config = job(prompts, "s3://integrity/out", "files", **{"s3.endpoint_url": s3_endpoint,

@@ -7,7 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from test_io import s3_endpoint  # noqa: F401  (the moto S3 server fixture)
 from vqbatch import read_dataset
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
@@ -91,7 +90,7 @@ def test_demo_never_deletes_a_users_file(tmp_path, capsys):
         assert (output / user_file).read_bytes() == b"kept"
 
 
-def test_s3_overwrite_refuses_a_foreign_object_and_replaces_its_own(prompts, s3_endpoint, local_ray,  # noqa: F811
+def test_s3_overwrite_refuses_a_foreign_object_and_replaces_its_own(prompts, s3_endpoint, local_ray,
                                                                    capsys):
     client = boto3.client("s3")
     client.create_bucket(Bucket="overwrite")
