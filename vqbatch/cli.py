@@ -127,7 +127,8 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     add_job_flags(parser)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_const", dest="output.mode", const="overwrite",
-                          help="replace a dataset already at --output")
+                          help="replace a dataset vqbatch wrote at --output (deleting only its own files; "
+                               "an output holding other files is refused)")
     existing.add_argument("--resume", action="store_const", dest="output.mode", const="refresh",
                           help="finish a killed run at --output: keep the rows it wrote, sample the rest "
                                "(the same as `vqbatch refresh`)")
@@ -210,8 +211,8 @@ def print_dry_run(config, allow_new_fingerprint: bool) -> int:
 
 def add_demo_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="run the whole engine on the bundled prompts and default model")
-    parser.add_argument("--output", default="out/demo", help="output folder, replaced if it holds a dataset "
-                                                             "(default out/demo)")
+    parser.add_argument("--output", default="out/demo", help="output folder (default out/demo): a dataset vqbatch "
+                                                             "wrote there is replaced; other files refuse the run")
     add_progress_flags(parser)
 
     def run(args: argparse.Namespace) -> int:

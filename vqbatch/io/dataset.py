@@ -94,8 +94,9 @@ def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
 def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
     """`check_output`, then clear the output for overwrite: only the files vqbatch wrote there are deleted."""
     location = check_output(output, s3)
-    if output.mode == "overwrite":
-        delete_files(location, output_contents(location).own)
+    if output.mode == "overwrite":  # the files that make others vqbatch's own go last: an overwrite killed midway
+        own = output_contents(location).own  # leaves files the next one still knows as its own
+        delete_files(location, sorted(own, key=lambda relative: posixpath.basename(relative) in MARKERS))
     return location
 
 
@@ -133,6 +134,7 @@ NAMED_IN_VERSION = re.compile(r"part-[0-9a-f]+\.(parquet|tar)|images/[0-9a-f]{2}
                               r"|fingerprint\.json|run\.json")
 TEMPORARY = re.compile(r"\.[^/]+\.[0-9a-f]{32}\.tmp")  # `write_bytes_atomically`'s and the lease's temporaries
 REPORT_FILES = (f"{REPORT_DIR}/{REPORT_NAME}", f"{REPORT_DIR}/{CONTACT_SHEET_NAME}")
+MARKERS = (MANIFEST_NAME, FINGERPRINT_NAME)  # what makes the files beside them vqbatch's own
 
 
 def published_files(location: OutputRoot) -> tuple[set[str], set[str]]:
