@@ -74,11 +74,17 @@ def version_folder(version: int) -> str:
 
 
 def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
-    """Refuse an output holding files vqbatch did not write (unless it only refreshes the dataset there), and one
-    that already holds a dataset unless mode is overwrite or refresh."""
+    """Refuse an output holding files vqbatch did not write, and one that already holds a dataset unless mode is
+    overwrite; a refresh adds to what is there and lists nothing."""
     location = OutputRoot.of(output, s3)
-    contents = output_contents(location)
-    if contents.foreign and output.mode != "refresh":
+    if output.mode != "refresh":
+        check_contents(output, output_contents(location))
+    return location
+
+
+def check_contents(output: OutputConfig, contents: OutputContents) -> None:
+    """A ValueError naming the first foreign files; or, for a new dataset (mode error), vqbatch's own files."""
+    if contents.foreign:
         raise ValueError(f"output {output.uri} holds {len(contents.foreign)} file(s) vqbatch did not write "
                          f"({', '.join(contents.foreign[:3])}{', ...' if len(contents.foreign) > 3 else ''}); vqbatch "
                          "writes a dataset only into an empty folder or over a dataset of its own: move them, or "
@@ -88,15 +94,17 @@ def check_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
                          f"{', ...' if len(contents.own) > 3 else ''}); choose an empty output, set "
                          "output.mode=overwrite (--overwrite) to replace it, or output.mode=refresh (`vqbatch "
                          "refresh`, `generate --resume`) to add the rows it lacks and finish a killed run")
-    return location
 
 
 def prepare_output(output: OutputConfig, s3: S3Config) -> OutputRoot:
     """`check_output`, then clear the output for overwrite: only the files vqbatch wrote there are deleted."""
-    location = check_output(output, s3)
-    if output.mode == "overwrite":  # the files that make others vqbatch's own go last: an overwrite killed midway
-        own = output_contents(location).own  # leaves files the next one still knows as its own
-        delete_files(location, sorted(own, key=lambda relative: posixpath.basename(relative) in MARKERS))
+    if output.mode != "overwrite":
+        return check_output(output, s3)
+    location = OutputRoot.of(output, s3)
+    contents = output_contents(location)
+    check_contents(output, contents)
+    # the files that make others vqbatch's own go last: an overwrite killed midway leaves files the next one knows
+    delete_files(location, sorted(contents.own, key=lambda relative: posixpath.basename(relative) in MARKERS))
     return location
 
 
