@@ -232,7 +232,7 @@ def test_an_existing_dataset_is_refused_or_replaced_and_other_files_refuse_both(
     (tmp_path / "keep.txt").write_text("not ours")
     with pytest.raises(ValueError, match=r"holds 1 file\(s\) vqbatch did not write \(keep.txt\)"):
         prepare_output(overwrite, config.s3)
-    assert len(os.listdir(tmp_path)) == 5  # keep.txt, the manifest, _SUCCESS, the card, images/
+    assert len(os.listdir(tmp_path)) == 6  # keep.txt, the shard, images/, the manifest, _SUCCESS, the card
     (tmp_path / "keep.txt").unlink()
     prepare_output(overwrite, config.s3)
     assert os.listdir(tmp_path) == []
