@@ -395,7 +395,7 @@ def check_row(row: dict, tokens: np.ndarray, pixels: np.ndarray, stored: bytes |
 
 def format_report(report: VerifyReport) -> str:
     checked = len(report.checks)
-    lines = [f"verified {checked} of {report.rows_ok} intact ok rows of {report.output_uri}: tokens "
+    lines = [f"verified {checked} of {report.rows_ok} ok rows of {report.output_uri}: tokens "
              f"{report.tokens_matched}/{checked} and images {report.images_matched}/{checked} match bit for bit"]
     lines += [f"MISMATCH id={check.id!r} image_index={check.image_index}: " + (check.problem or (
               f"{check.tokens_differing} token(s) and {check.pixels_differing} pixel(s) differ"))
