@@ -174,10 +174,7 @@ def run_job_command(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for _, key, _, _ in GENERATE_FLAGS}
     overrides.update({"compute.min_actors": args.num_actors, "compute.max_actors": args.num_actors,
                       "output.mode": getattr(args, "output.mode")})
-    try:
-        config = load_job_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        return report_job_error(error)
+    config = load_job_config(args.config, overrides)
     if args.dry_run:
         return print_dry_run(config, args.allow_new_fingerprint)
     return run_and_report(config, args, args.allow_new_fingerprint)
@@ -186,10 +183,7 @@ def run_job_command(args: argparse.Namespace) -> int:
 def print_dry_run(config, allow_new_fingerprint: bool) -> int:
     from vqbatch.engine import check_job
 
-    try:
-        inputs, plan = check_job(config, allow_new_fingerprint)
-    except (ValueError, OSError) as error:
-        return report_job_error(error)
+    inputs, plan = check_job(config, allow_new_fingerprint)
     compute, images = config.compute, inputs.num_rows * config.sampling.images_per_prompt
     limit = f" (--limit {config.input.limit})" if config.input.limit else ""
     pool = f"{compute.min_actors}-{compute.max_actors}" if compute.max_actors else \
@@ -242,12 +236,9 @@ def run_and_report(config, args: argparse.Namespace, allow_new_fingerprint: bool
     from vqbatch.engine import run_job
 
     printer = ProgressPrinter(sys.stdout, progress_mode(args.quiet, args.json_progress, sys.stdout))
-    try:
-        with own_messages_only(args.verbose) as log_file:
-            summary = run_job(config, on_progress=printer, ray_address=getattr(args, "ray_address", None),
-                              allow_new_fingerprint=allow_new_fingerprint, progress_every=LIVE_SECONDS)
-    except (ValueError, OSError) as error:  # what the user must fix: input, output, checkpoint, its location
-        return report_job_error(error)
+    with own_messages_only(args.verbose) as log_file:
+        summary = run_job(config, on_progress=printer, ray_address=getattr(args, "ray_address", None),
+                          allow_new_fingerprint=allow_new_fingerprint, progress_every=LIVE_SECONDS)
     if summary.version is None:
         print(f"nothing to add: {summary.output_uri} already holds every row of the input for this model, these "
               "sampling settings and this sampler version")
@@ -299,12 +290,9 @@ def add_rerun_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from vqbatch.proof import rerun
 
-        try:
-            use_threads(args.threads)
-            summary = rerun(args.output, ids=args.ids, where=args.where, into=args.into, batch_size=args.batch_size,
-                            overwrite=args.overwrite, s3=job_s3(args))
-        except (ValueError, OSError) as error:
-            return report_job_error(error)
+        use_threads(args.threads)
+        summary = rerun(args.output, ids=args.ids, where=args.where, into=args.into, batch_size=args.batch_size,
+                        overwrite=args.overwrite, s3=job_s3(args))
         skipped = f"; skipped {len(summary.skipped)} error row(s) without a seed" if summary.skipped else ""
         print(f"reran {summary.rows} image(s) -> {summary.output_uri}{skipped}")
         return 0
@@ -332,12 +320,9 @@ def add_verify_command(commands: argparse._SubParsersAction) -> None:
 
         from vqbatch.proof import format_report, verify
 
-        try:
-            use_threads(args.threads)
-            report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size,
-                            s3=job_s3(args), integrity=args.integrity)
-        except (ValueError, OSError) as error:
-            return report_job_error(error)
+        use_threads(args.threads)
+        report = verify(args.output, args.sample, seed=args.seed, batch_size=args.batch_size,
+                        s3=job_s3(args), integrity=args.integrity)
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
         return 0 if report.passed else 1
 
@@ -385,11 +370,8 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from vqbatch.report import write_report
 
-        try:
-            files = write_report(args.output, args.to, sample=args.sample, seed=args.seed,
-                                 s3=job_s3(args))
-        except (ValueError, OSError) as error:
-            return report_job_error(error)
+        files = write_report(args.output, args.to, sample=args.sample, seed=args.seed,
+                             s3=job_s3(args))
         print(f"open {files.html.resolve()} ({files.images} images with their prompts; contact sheet: "
               f"{files.contact_sheet.resolve()})")
         return 0
@@ -407,10 +389,7 @@ def add_inspect_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from vqbatch.inspection import inspect_dataset
 
-        try:
-            print(inspect_dataset(args.output, args.row_id, s3=job_s3(args)), end="")
-        except (ValueError, OSError) as error:
-            return report_job_error(error)
+        print(inspect_dataset(args.output, args.row_id, s3=job_s3(args)), end="")
         return 0
 
     parser.set_defaults(run=run)
@@ -430,12 +409,9 @@ def add_decode_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from vqbatch.inspection import decode_rows
 
-        try:
-            use_threads(args.threads)
-            written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size,
-                                  s3=job_s3(args))
-        except (ValueError, OSError) as error:
-            return report_job_error(error)
+        use_threads(args.threads)
+        written = decode_rows(args.output, args.ids, args.to, image_format=args.image_format, size=args.size,
+                              s3=job_s3(args))
         print(f"decoded {len(written)} image(s) from stored tokens into {args.to}")
         return 0
 
@@ -460,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # what the user must fix: input, output, checkpoint, its location
+        return report_job_error(error)
 
 
 if __name__ == "__main__":
