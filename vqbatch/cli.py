@@ -26,7 +26,8 @@ def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_eval_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("eval", help="prompt adherence of a generated shapes dataset, by the attribute detector")
+    parser = commands.add_parser("eval", help="prompt adherence of a generated shapes dataset, by the attribute "
+                                              "detector")
     parser.add_argument("--output", required=True, help="the dataset's output folder or s3:// prefix")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--detector-check", type=int, default=0, metavar="N",
@@ -221,7 +222,8 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model"  # trained on the shapes world (vqbatch train)
+# trained on the shapes world (vqbatch train)
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model"
 # How the shipped model follows prompts best (README, "The default model"): unguided, with the purity sampler;
 # 25 steps over the whole chain score as well as 100.
 DEFAULT_MODEL_SAMPLING = {"guidance_scale": 1.0, "sampler": "purity", "prior_weight": 1.0, "steps": 25,

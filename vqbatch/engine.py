@@ -191,8 +191,8 @@ class JobSummary:
 def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = None,
             ray_address: str | None = None, allow_new_fingerprint: bool = False,
             progress_every: float | None = None) -> JobSummary:
-    """Check the input, the output and the checkpoint against the sampling settings, then sample the rows the output lacks on Ray and publish them
-    as a new version of the dataset (see `vqbatch.io.dataset`).
+    """Check the input, the output and the checkpoint against the sampling settings, then sample the rows the output
+    lacks on Ray and publish them as a new version of the dataset (see `vqbatch.io.dataset`).
 
     `output.mode`: `error` needs an empty output, `overwrite` replaces the dataset (cleared only once Ray is up and
     the actor pool fits), `refresh` adds to it and finishes a killed run. A refresh under a changed generation

@@ -174,8 +174,8 @@ def regenerate(rows: pa.Table, manifest: dict, batch_size: int, s3: S3Config,
     """Tokens (P,) and pixels (H, W, 3) uint8 of each ok row of `rows`, in row order, from its stored seed.
 
     Rows are grouped by their stored model and sampling parameters; each group loads the engine's sampler once
-    (an s3:// model read with `s3`) and samples its rows at the batch shape the dataset was sampled at (`batch_size` for datasets that did not
-    record one), each call padded to that shape as the engine's were.
+    (an s3:// model read with `s3`) and samples its rows at the batch shape the dataset was sampled at (`batch_size`
+    for datasets that did not record one), each call padded to that shape as the engine's were.
     """
     assert set(rows.column("status").to_pylist()) <= {"ok"}, "only ok rows have a seed to regenerate from"
     if batch_size < 1:

@@ -3,8 +3,9 @@ decode), and do the manifest's counts hold.
 
 `inspect_shards` reads each published metadata file's keys, statuses and image column, one file at a time, lists
 each version folder once (8 bytes per listed path: its 64-bit `vqbatch.keys.key_hashes`; a missing file passes for
-present only if its path's hash equals a listed path's, about one chance in 10^5 for ten million files), and asks the dataset's format which rows lost their image (`row_problems` in `vqbatch.io.formats`):
-an image file or a tar that is gone, and with `decode` a tar that does not read or an image that does not decode.
+present only if its path's hash equals a listed path's, about one chance in 10^5 for ten million files), and asks
+the dataset's format which rows lost their image (`row_problems` in `vqbatch.io.formats`): an image file or a tar
+that is gone, and with `decode` a tar that does not read or an image that does not decode.
 A metadata file that is gone or does not read (a truncated Parquet file) loses every row it held; `lost_input_keys`
 names those rows from the input files the manifest records (the keys they expand to that no readable file holds).
 
