@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -51,7 +51,8 @@ from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name
 from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.integrity import ShardDamage, inspect_shards
 from vqbatch.io.lease import LEASE_NAME
-from vqbatch.io.prompts import InputFiles, expand_rows, repeated_values
+from vqbatch.io.prompts import InputFiles, expand_rows
+from vqbatch.io.repeats import RepeatedHashes
 from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
 
@@ -365,10 +366,9 @@ def publish_version(plan: VersionPlan, input_uris: list[str], config: JobConfig)
 def deduplicated_shards(plan: VersionPlan) -> list[dict]:
     """Summaries of this version's staged files, cut so that each key not held already appears once."""
     location, output_format = plan.location, shard_format(plan.output_format)
-    staged = [StagedFile.read(location, posixpath.relpath(path, location.root))
-              for path in shard_metadata_files(location, plan.folder)]
+    staged = [posixpath.relpath(path, location.root) for path in shard_metadata_files(location, plan.folder)]
     shards = {}
-    for file, new in zip(staged, new_rows(plan, staged)):
+    for file, new in new_rows(plan, staged):
         if not new.any():
             continue
         relative = (file.relative if new.all() else
@@ -384,47 +384,43 @@ def deduplicated_shards(plan: VersionPlan) -> list[dict]:
 
 @dataclass(frozen=True)
 class StagedFile:
-    """A staged metadata file, reduced to what publishing needs: 9 bytes per row, whatever the ids."""
+    """A staged metadata file, reduced to what publishing needs: its rows' keys and which rows are ok."""
 
-    location: OutputRoot
     relative: str  # path under the output root
-    hashes: np.ndarray  # (N,) uint64: `key_hashes` of its rows' keys
+    keys: pa.Array  # (N,) `key_column` of its rows
     ok: np.ndarray  # (N,) bool: the rows whose status is "ok"
 
     @classmethod
     def read(cls, location: OutputRoot, relative: str) -> "StagedFile":
         table = pq.read_table(location.path(relative), filesystem=location.filesystem, columns=[*KEY_COLUMNS, "status"])
-        ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
-        return cls(location, relative, key_hashes(key_column(table)), ok)
-
-    def keys(self, positions: np.ndarray) -> list[bytes]:
-        """`key_column` of the rows at `positions`, read again from the file."""
-        table = pq.read_table(self.location.path(self.relative), filesystem=self.location.filesystem,
-                              columns=KEY_COLUMNS)
-        return key_column(table.take(pa.array(positions))).to_pylist()
+        ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+        return cls(relative, key_column(table), ok)
 
 
-def new_rows(plan: VersionPlan, staged: list[StagedFile]) -> list[np.ndarray]:
-    """Per staged file, which rows (bool (N,)) hold a key that neither `plan.held` nor an earlier row holds (in file
-    order, the first row of a key wins).
+def new_rows(plan: VersionPlan, staged: list[str]) -> Iterator[tuple[StagedFile, np.ndarray]]:
+    """Each staged file (relative paths `staged`), read one at a time, and which of its rows (bool (N,)) hold a key
+    that neither `plan.held` nor an earlier row holds (in file order, the first row of a key wins).
 
-    Only hashes are compared for all rows, so memory stays at 8 bytes per row; the keys behind a hash that occurs
-    more than once (a duplicate, or a collision) are read again and compared exactly.
+    A first pass spills every key's hash to local disk (`RepeatedHashes`), so the driver's memory does not grow with
+    the rows; the second reads the files again and compares exactly only the keys behind a hash that occurs more
+    than once (a duplicate, or a collision).
     """
     held = key_hashes(plan.held)
-    repeated = repeated_values(np.concatenate([held, *(file.hashes for file in staged)]))
-    if not repeated.size:  # no hash twice, so no key twice
-        return [np.ones(len(file.hashes), bool) for file in staged]
+    with RepeatedHashes(plan.done.count + plan.pending) as repeats:
+        repeats.add(held)
+        for relative in staged:
+            repeats.add(key_hashes(StagedFile.read(plan.location, relative).keys))
+        repeated = repeats.repeated()
     seen = set(plan.held.filter(pa.array(np.isin(held, repeated))).to_pylist())
-    masks = []
-    for file in staged:
-        new = np.ones(len(file.hashes), bool)
-        suspects = np.flatnonzero(np.isin(file.hashes, repeated))
-        for position, key in zip(suspects, file.keys(suspects) if suspects.size else []):
+    del held
+    for relative in staged:
+        file = StagedFile.read(plan.location, relative)
+        new = np.ones(len(file.keys), bool)
+        suspects = np.flatnonzero(np.isin(key_hashes(file.keys), repeated)) if repeated.size else []
+        for position, key in zip(suspects, file.keys.take(pa.array(suspects, pa.int64())).to_pylist()):
             new[position] = key not in seen
             seen.add(key)
-        masks.append(new)
-    return masks
+        yield file, new
 
 
 def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder: str, output_format: str) -> str:

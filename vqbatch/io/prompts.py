@@ -24,7 +24,7 @@ import glob as globbing
 import posixpath
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 
 from vqbatch.config import InputConfig, S3Config, SamplingConfig
 from vqbatch.io.filesystems import is_s3, list_files, resolve, to_uri
+from vqbatch.io.repeats import RepeatedHashes
+from vqbatch.keys import finalized
 from vqbatch.seeds import SEED_LIMIT, image_seed
 
 GLOB_CHARACTERS = "*?["
@@ -100,9 +102,10 @@ def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
                          "are all empty; give files with at least one prompt")
     inputs = InputFiles(filesystem, tuple(paths), num_rows, seed_column_present(schemas, config, filesystem),
                         tuple(file_rows))
-    id_hashes, unusable = read_ids(inputs, config)
-    check_ids_usable(unusable, config, filesystem)
-    check_ids_unique(id_hashes, inputs, config)
+    with RepeatedHashes(num_rows) as repeats:  # the ids' hashes, spilled to local disk (`vqbatch.io.repeats`)
+        unusable = read_ids(inputs, config, repeats.add)
+        check_ids_usable(unusable, config, filesystem)
+        check_ids_unique(repeats.repeated(), inputs, config)
     return inputs
 
 
@@ -169,23 +172,29 @@ def read_footer(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]
                          "replace or remove it") from None
 
 
-def read_ids(inputs: InputFiles, config: InputConfig) -> tuple[np.ndarray, dict[str, dict[str, list[int]]]]:
-    """Python's hash of every id (8 bytes per row, whatever the ids: the driver stays small for millions of
-    prompts), and per problem (`id_problem`) and file the row numbers (from 0) of the ids that cannot be keys;
-    reading every job column whole finds corrupt pages before models load."""
-    hashes: list[np.ndarray] = []
+def read_ids(inputs: InputFiles, config: InputConfig,
+             spill: Callable[[np.ndarray], None]) -> dict[str, dict[str, list[int]]]:
+    """Hand `spill` the hashes of every batch's ids (`id_hashes`), and return per problem (`id_problem`) and file the
+    row numbers (from 0) of the ids that cannot be keys; reading every job column whole finds corrupt pages before
+    models load."""
     unusable: dict[str, dict[str, list[int]]] = {}
     for path in inputs.paths:
         start = 0
         for batch in job_column_batches(inputs, config, path):
             keys = id_keys(batch.column(config.id_column))
-            hashes.append(np.fromiter((hash(key) for key in keys if key is not None), np.int64))
+            spill(id_hashes([key for key in keys if key is not None]))
             for row, key in enumerate(keys):
                 problem = id_problem(key)
                 if problem:
                     unusable.setdefault(problem, {}).setdefault(path, []).append(start + row)
             start += batch.num_rows
-    return np.concatenate(hashes), unusable
+    return unusable
+
+
+def id_hashes(keys: list) -> np.ndarray:  # (N,) uint64
+    """Python's hash of each id (`id_keys`), mixed (`finalized`) so that its top bits pick a spill file evenly even
+    for small integer ids, which hash to themselves; equal ids, equal hashes (in this process)."""
+    return finalized(np.fromiter((hash(key) for key in keys), np.int64, len(keys)).view(np.uint64))
 
 
 def id_problem(key) -> str | None:
@@ -211,13 +220,6 @@ def job_column_batches(inputs: InputFiles, config: InputConfig, path: str) -> It
                          "replace or remove it") from None
 
 
-def repeated_values(values: np.ndarray) -> np.ndarray:
-    """The distinct values that occur more than once in `values` (N,), which this sorts in place (no copy of a
-    million-row array)."""
-    values.sort()
-    return np.unique(values[1:][values[1:] == values[:-1]])
-
-
 def id_keys(column: pa.Array) -> list:
     """Integer ids as ints, text ids as their raw bytes (so that text which is not valid UTF-8 still compares)."""
     return column.cast(raw_bytes_type(column.type)).to_pylist() if is_text(column.type) else column.to_pylist()
@@ -241,16 +243,16 @@ def shortened(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:UNUSABLE_SHOWN])) + (", ..." if len(rows) > UNUSABLE_SHOWN else "")
 
 
-def check_ids_unique(id_hashes: np.ndarray, inputs: InputFiles, config: InputConfig) -> None:
-    """Ids compare by hash first; only the ids behind a hash seen twice (a duplicate, or a rare collision) are read
-    again and compared exactly."""
-    suspects = set(repeated_values(id_hashes).tolist())
-    if not suspects:
+def check_ids_unique(repeated: np.ndarray, inputs: InputFiles, config: InputConfig) -> None:
+    """Ids compare by hash first (`repeated`: the `id_hashes` seen more than once); only the ids behind those (a
+    duplicate, or a rare collision) are read again and compared exactly."""
+    if not repeated.size:
         return
     counts: Counter = Counter()
     for path in inputs.paths:
         for batch in job_column_batches(inputs, config, path):
-            counts.update(key for key in id_keys(batch.column(config.id_column)) if hash(key) in suspects)
+            keys = id_keys(batch.column(config.id_column))
+            counts.update(keys[row] for row in np.flatnonzero(np.isin(id_hashes(keys), repeated)))
     duplicates = [(key, count) for key, count in counts.items() if count > 1]
     if duplicates:
         shown = ", ".join(f"{shown_text(key)!r} ({count} rows)" for key, count in duplicates[:DUPLICATES_SHOWN])
