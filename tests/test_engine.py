@@ -12,7 +12,8 @@ import torch
 
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
-from vqbatch.engine import BatchLedger, actor_pool, build_dataset, run_job
+from vqbatch.engine import (BLOCK_ROWS, MAX_BATCHES_PER_BLOCK, BatchLedger, actor_pool, build_dataset, rows_per_block,
+                            run_job)
 from vqbatch.io.dataset import OutputRoot, plan_version, read_manifest, read_metadata
 from vqbatch.io.formats import metadata_schema
 from vqbatch.io.filesystems import read_bytes, resolve
@@ -115,6 +116,16 @@ def test_the_read_task_also_cuts_the_actor_batches(tmp_path, capsys):
     build_dataset(config, inputs, num_gpus, pool, plan_version(config, inputs), ledger).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "MapBatches(read_pending_rows)->StreamingRepartition" in optimized
+    assert f"num_rows_per_block={rows_per_block(config.compute.batch_size)}," in optimized
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 1000, 1500, BLOCK_ROWS, 3 * BLOCK_ROWS])
+def test_a_block_holds_whole_batches_about_block_rows_and_at_most_a_few(batch_size):
+    """Fewer, larger blocks: Ray Data's driver keeps per-block statistics until the dataset finishes."""
+    rows = rows_per_block(batch_size)
+    batches = rows // batch_size
+    assert rows % batch_size == 0 and 1 <= batches <= MAX_BATCHES_PER_BLOCK
+    assert rows <= max(BLOCK_ROWS, batch_size) and (batches == MAX_BATCHES_PER_BLOCK or rows + batch_size > BLOCK_ROWS)
 
 
 def test_s3_in_and_s3_out_through_the_engine(s3_endpoint, tmp_path):

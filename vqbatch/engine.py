@@ -324,11 +324,11 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float, pool: 
         .map_batches(read_pending_rows, fn_kwargs=dict(inputs=inputs, config=config.input, sampling=config.sampling,
                                                        done=plan.done.map(ray.put)),
                      batch_format="pyarrow", batch_size=1)
-        # One block per actor batch: without it an actor call takes a whole input block (a 10k-row file is one
-        # block), and Ray Data hands its output on only when the call ends: no writing overlaps sampling, progress
-        # comes at the end, and the block's pixels pile up in the actor. Ray Data runs it inside the read task only
-        # while the read keeps Ray's default task options (see the faults below).
-        .repartition(target_num_rows_per_block=config.compute.batch_size)
+        # Blocks of a few actor batches (`rows_per_block`): without it an actor call takes a whole input block (a
+        # 10k-row file is one block), and Ray Data hands its output on only when the call ends: no writing overlaps
+        # sampling, progress comes at the end, and the block's pixels pile up in the actor. Ray Data runs it inside
+        # the read task only while the read keeps Ray's default task options (see the faults below).
+        .repartition(target_num_rows_per_block=rows_per_block(config.compute.batch_size))
         .map_batches(SampleBatches, compute=pool,
                      fn_constructor_kwargs=dict(config=config, ledger=ledger, identity=plan.fingerprint.parts["model"]),
                      batch_size=config.compute.batch_size, batch_format="pyarrow",
@@ -337,6 +337,21 @@ def build_dataset(config: JobConfig, inputs: InputFiles, num_gpus: float, pool: 
                      batch_size=config.output.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS)
     )
 
+
+def rows_per_block(batch_size: int) -> int:
+    """Rows per block the actors take: whole batches, about `BLOCK_ROWS`, at most `MAX_BATCHES_PER_BLOCK` of them."""
+    return batch_size * max(1, min(MAX_BATCHES_PER_BLOCK, BLOCK_ROWS // batch_size))
+
+
+# Ray Data's driver keeps statistics of every block each operator produced until the dataset finishes
+# (ray-project/ray#66016): measured 10-20 KB per block in the driver's resident memory, whatever the block holds. With
+# one block per 1000-row batch, that was 10-21 bytes per prompt, the largest part of the driver's growth over a job
+# of millions of prompts; blocks of several batches divide it. Ray Data still calls the actor one batch at a time, and
+# hands an output block on once it reaches its target size (128 MiB), so a block of large images does not pile up.
+# An actor that dies loses at most the block it was sampling, so a block holds at most `MAX_BATCHES_PER_BLOCK`
+# batches (a GPU actor's batch of 16 makes blocks of 256 rows).
+BLOCK_ROWS = 4096
+MAX_BATCHES_PER_BLOCK = 16
 
 # Half a CPU per write task, so two write at once on each CPU the actor pool leaves: an S3 writer mostly waits on
 # uploads, and actors that sample on GPUs (or the no-op model) leave their own CPUs idle for writers to use.
