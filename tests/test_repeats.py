@@ -18,6 +18,7 @@ from vqbatch.keys import finalized
 
 def test_repeats_across_spill_files_and_batches_match_an_in_memory_count(monkeypatch):
     monkeypatch.setattr(repeats, "PARTITION_HASHES", 64)
+    monkeypatch.setattr(repeats, "ADD_CHUNK", 100)
     values = finalized(np.random.default_rng(3).integers(0, 3_000, 5_000).astype(np.uint64))  # many repeats
     distinct, counts = np.unique(values, return_counts=True)
     with RepeatedHashes(len(values)) as found:

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 KEY_COLUMNS = ["id", "image_index"]
 DIGEST_BYTES = 16
 LENGTH_BYTES = 8
-HASH_CHUNK = 1 << 18  # keys hashed at a time: a chunk's bytes as uint64 (~40 MB) are the largest temporary
+HASH_CHUNK = 1 << 13  # keys hashed at a time: per key byte four 8-byte temporaries (~6 MiB for 16-byte keys)
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")  # what a readable stem keeps of an id; the rest becomes "_"
 DIGEST_SUFFIX = re.compile(r"-[0-9a-f]{32}$")  # how a stem that carries a digest ends
 STEM_CHARACTERS = 80  # of the id kept in a stem that carries a digest

@@ -238,7 +238,9 @@ def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: b
     version = history[-1]["version"] + 1 if history else 1
     published = inspect_shards(location, current_shards(history, fingerprint), config.output.format)
     staged = tuple(staged_files(location, version, fingerprint)) if config.output.mode == "refresh" else ()
-    done = HeldBuckets.of(pc.unique(pa.concat_arrays([published.held, read_keys(location, staged)])))
+    # each key is published once; only the keys a killed run staged may repeat a held one
+    done = HeldBuckets.of(pc.unique(pa.concat_arrays([published.held, read_keys(location, staged)])) if staged
+                          else published.held)
     return VersionPlan(location, version, fingerprint, history, published.held, published.damaged, staged, done,
                        count_pending(inputs, config, done), config.output.format)
 
@@ -405,14 +407,14 @@ def new_rows(plan: VersionPlan, staged: list[str]) -> Iterator[tuple[StagedFile,
     the rows; the second reads the files again and compares exactly only the keys behind a hash that occurs more
     than once (a duplicate, or a collision).
     """
-    held = key_hashes(plan.held)
     with RepeatedHashes(plan.done.count + plan.pending) as repeats:
-        repeats.add(held)
+        for held in held_slices(plan.held):
+            repeats.add(key_hashes(held))
         for relative in staged:
             repeats.add(key_hashes(StagedFile.read(plan.location, relative).keys))
         repeated = repeats.repeated()
-    seen = set(plan.held.filter(pa.array(np.isin(held, repeated))).to_pylist())
-    del held
+    seen = {key for held in (held_slices(plan.held) if repeated.size else [])
+            for key in held.filter(pa.array(np.isin(key_hashes(held), repeated))).to_pylist()}
     for relative in staged:
         file = StagedFile.read(plan.location, relative)
         new = np.ones(len(file.keys), bool)
@@ -421,6 +423,13 @@ def new_rows(plan: VersionPlan, staged: list[str]) -> Iterator[tuple[StagedFile,
             new[position] = key not in seen
             seen.add(key)
         yield file, new
+
+
+HELD_SLICE = 1 << 16  # held keys hashed at a time when publishing: their hashes never all in memory at once
+
+
+def held_slices(held: pa.Array) -> Iterator[pa.Array]:
+    return (held.slice(start, HELD_SLICE) for start in range(0, len(held), HELD_SLICE))
 
 
 def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder: str, output_format: str) -> str:

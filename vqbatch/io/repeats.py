@@ -22,6 +22,7 @@ from vqbatch.io.held import bucket_of
 PARTITION_HASHES = 1 << 18  # hashes per spill file, about: 2 MiB sorted at a time
 MAX_BITS = 8  # at most 256 spill files open at once (files then grow past PARTITION_HASHES, beyond 67M hashes)
 BUFFER_BYTES = 4 << 20  # write buffers of all spill files together
+ADD_CHUNK = 1 << 16  # hashes grouped by spill file at a time
 
 
 class RepeatedHashes:
@@ -43,8 +44,13 @@ class RepeatedHashes:
         self.folder.cleanup()
 
     def add(self, hashes: np.ndarray) -> None:
-        """Spill `hashes` (N,) uint64, each to the file of its top bits."""
+        """Spill `hashes` (N,) uint64, each to the file of its top bits, `ADD_CHUNK` at a time (the temporaries of a
+        large array stay small)."""
         hashes = np.asarray(hashes, np.uint64)
+        for start in range(0, len(hashes), ADD_CHUNK):
+            self.spill(hashes[start:start + ADD_CHUNK])
+
+    def spill(self, hashes: np.ndarray) -> None:
         parts = bucket_of(hashes, self.bits)
         order = np.argsort(parts, kind="stable")
         bounds = np.searchsorted(parts[order], np.arange(2**self.bits + 1))
