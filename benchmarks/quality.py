@@ -5,7 +5,8 @@ Every row samples the same evaluation prompts (one-object and two-object caption
 used) with one image per prompt, image i from a generator seeded `seed + i`, and scores the images with the
 attribute detector (`vqbatch.train.detector`). A row is one sampler (the reference chain, or the purity prior of
 Improved VQ-Diffusion), a number of steps spread over the whole chain (`timestep_spacing="skip"`; at the chain's
-length that is the reference chain itself), a guidance scale and a truncation rate. `transformer_calls` counts
+length that is the reference chain itself), a guidance scale, a truncation rate and what it truncates (the guided
+prediction, or the prompted one before guidance: `truncation_target`). `transformer_calls` counts
 forwards per image: steps, twice with guidance, since the guided branch doubles the rows of each forward. `specks`
 is the share of images with stray specks (small blobs of a shape's colour on the background), right or not.
 
@@ -38,6 +39,7 @@ class Settings:
     step_counts: tuple[int, ...]
     guidance_scales: tuple[float, ...]
     truncation_rates: tuple[float, ...]
+    truncation_targets: tuple[str, ...]
     prior_weight: float
     batch: int
     seed: int
@@ -49,21 +51,26 @@ class Setting:
     steps: int
     guidance_scale: float
     truncation_rate: float
+    truncation_target: str
 
     def call_arguments(self, settings: Settings) -> dict:
         prior_weight = settings.prior_weight if self.sampler == "purity" else 0.0
         return dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                    truncation_rate=self.truncation_rate, timestep_spacing="skip", sampler=self.sampler,
-                    prior_weight=prior_weight)
+                    truncation_rate=self.truncation_rate, truncation_target=self.truncation_target,
+                    timestep_spacing="skip", sampler=self.sampler, prior_weight=prior_weight)
 
     def transformer_calls(self) -> int:
         return self.steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
 def grid(settings: Settings) -> list[Setting]:
-    return [Setting(sampler, steps, guidance, truncation) for sampler in settings.samplers
+    """Every combination; without guidance or truncation the truncation targets are the same, so once."""
+    def targets(guidance: float, truncation: float) -> tuple[str, ...]:
+        return settings.truncation_targets if guidance > 1.0 and truncation < 1.0 else settings.truncation_targets[:1]
+
+    return [Setting(sampler, steps, guidance, truncation, target) for sampler in settings.samplers
             for steps in sorted(settings.step_counts, reverse=True) for truncation in settings.truncation_rates
-            for guidance in settings.guidance_scales]
+            for guidance in settings.guidance_scales for target in targets(guidance, truncation)]
 
 
 def measure(pipeline: VQDiffusionPipeline, prompts: list[str], setting: Setting, settings: Settings) -> dict:
@@ -83,7 +90,7 @@ def run(settings: Settings) -> Report:
     pipeline = VQDiffusionPipeline.from_pretrained(settings.model, torch_dtype=torch.float32)
     prompts = evaluation_prompts(settings.one_object, settings.two_object)
     report = Report("quality", asdict(settings), machine("cpu"), columns=[
-        "sampler", "steps", "guidance_scale", "truncation_rate", "transformer_calls", "one_object_all",
+        "sampler", "steps", "guidance_scale", "truncation_rate", "truncation_target", "transformer_calls", "one_object_all",
         "two_object_all", "one_object_specks", "two_object_specks", *(f"one_object_{a}" for a in ATTRIBUTES),
         "images_per_s"])
     for setting in grid(settings):
@@ -125,11 +132,13 @@ def guidance_summary(rows: list[dict]) -> dict:
     best = max(guided, key=lambda r: (r["two_object_all"], r["one_object_all"]))
 
     def same_but(**changes) -> dict | None:
-        wanted = {**{k: best[k] for k in ("sampler", "steps", "guidance_scale", "truncation_rate")}, **changes}
+        wanted = {**{k: best[k] for k in ("sampler", "steps", "guidance_scale", "truncation_rate",
+                                          "truncation_target")}, **changes}
         return next((r for r in rows if all(r[k] == v for k, v in wanted.items())), None)
 
-    unguided = same_but(guidance_scale=1.0)
-    untruncated = same_but(truncation_rate=1.0)
+    single_target = rows[0]["truncation_target"]  # what rows without guidance or truncation were run with
+    unguided = same_but(guidance_scale=1.0, truncation_target=single_target)
+    untruncated = same_but(truncation_rate=1.0, truncation_target=single_target)
     fewest = same_but(steps=min(r["steps"] for r in rows))
     return {"best_guided": best, "unguided_same_setting": unguided,
             "guidance_gain_two_object_points": points(best, unguided, "two_object_all"),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vqbatch.choices import COMPILE_MODES, OUTPUT_FORMATS, SAMPLERS
+from vqbatch.choices import COMPILE_MODES, OUTPUT_FORMATS, SAMPLERS, TRUNCATION_TARGETS
 
 # Per model size: steps and batch sizes of the model benchmark, device, dtype, the sampler's batch and step counts
 DEFAULTS = {
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated (default 1,2,3,5)")
     quality.add_argument("--truncation-rates", type=rates, default=(1.0, 0.86),
                          help="comma-separated, each in (0, 1] (default 1,0.86)")
+    quality.add_argument("--truncation-targets", type=names(TRUNCATION_TARGETS), default=TRUNCATION_TARGETS,
+                         help=f"comma-separated: {', '.join(TRUNCATION_TARGETS)} (default all)")
     quality.add_argument("--prior-weight", type=float, default=1.0, help="the purity sampler's prior_weight")
     quality.add_argument("--batch", type=int, default=50, help="images per pipeline call")
     quality.add_argument("--seed", type=int, default=0, help="image i is sampled with seed + i")
@@ -221,7 +223,7 @@ def run_quality(args: argparse.Namespace):
     settings = quality.Settings(model=args.model or str(DEFAULT_MODEL), one_object=args.one_object,
                                 two_object=args.two_object, samplers=args.samplers, step_counts=args.step_counts,
                                 guidance_scales=args.guidance_scales, truncation_rates=args.truncation_rates,
-                                prior_weight=args.prior_weight, batch=args.batch, seed=args.seed)
+                                truncation_targets=args.truncation_targets, prior_weight=args.prior_weight, batch=args.batch, seed=args.seed)
     return quality.run(settings), "quality"
 
 

@@ -135,16 +135,18 @@ def test_quality_benchmark_scores_every_setting_and_reads_the_grid_against_the_t
           "--truncation-rates", "1,0.86", "--batch", "6", "--out", str(tmp_path)])  # the shipped default model
     result = json.loads((tmp_path / "quality.json").read_text())
     rows = result["rows"]
-    assert [(r["sampler"], r["steps"], r["truncation_rate"], r["guidance_scale"]) for r in rows] == [
-        (sampler, steps, truncation, guidance) for sampler in ("reference", "purity") for steps in (8, 2)
-        for truncation in (1.0, 0.86) for guidance in (1.0, 3.0)]
+    assert [(r["sampler"], r["steps"], r["truncation_rate"], r["guidance_scale"], r["truncation_target"])
+            for r in rows] == [
+        (sampler, steps, truncation, guidance, target) for sampler in ("reference", "purity") for steps in (8, 2)
+        for truncation in (1.0, 0.86) for guidance, target in ((1.0, "guided"), (3.0, "guided"), (3.0, "prompted"))
+        if truncation < 1.0 or target == "guided"]  # untruncated, both targets are the same: one row
     for row in rows:
         assert row["transformer_calls"] == row["steps"] * (2 if row["guidance_scale"] > 1 else 1)
         for key in ("one_object_all", "two_object_all", "one_object_specks", "two_object_specks"):
             assert 0.0 <= row[key] <= 1.0
         assert row["one_object_all"] <= min(row[f"one_object_{a}"] for a in ("kind", "colour", "position", "size"))
     summary = result["summary"]
-    assert summary["baseline"] == max(rows[:4], key=lambda r: r["one_object_all"])  # reference rows at 8 steps
+    assert summary["baseline"] == max(rows[:5], key=lambda r: r["one_object_all"])  # reference rows at 8 steps
     cheap = [r for r in rows if 4 * r["transformer_calls"] <= summary["baseline"]["transformer_calls"]]
     assert summary["best_with_4x_fewer_calls"]["one_object_all"] == max(r["one_object_all"] for r in cheap)
     best = summary["best_guided"]
@@ -155,16 +157,22 @@ def test_quality_benchmark_scores_every_setting_and_reads_the_grid_against_the_t
     assert {k: unguided[k] for k in ("sampler", "steps", "truncation_rate", "guidance_scale")} == {
         "sampler": best["sampler"], "steps": best["steps"], "truncation_rate": best["truncation_rate"],
         "guidance_scale": 1.0}
+    untruncated = next(r for r in rows if r["truncation_rate"] == 1.0 and all(
+        r[k] == best[k] for k in ("sampler", "steps", "guidance_scale")))
+    assert summary["truncation_vs_none_two_object_points"] == pytest.approx(
+        100 * (best["two_object_all"] - untruncated["two_object_all"]), abs=0.05)
     assert summary["guidance_gain_two_object_points"] == pytest.approx(
         100 * (best["two_object_all"] - unguided["two_object_all"]), abs=0.05)
     table = (tmp_path / "quality.md").read_text()
-    assert "| sampler | steps | guidance_scale | truncation_rate |" in table and "two_object_specks" in table
+    assert "| sampler | steps | guidance_scale | truncation_rate | truncation_target |" in table
+    assert "two_object_specks" in table
 
 
 @pytest.mark.parametrize("flag, value, message", [("--samplers", "reference,fast", "'fast' not allowed"),
                                                   ("--guidance-scales", "1,x", "comma-separated finite numbers"),
                                                   ("--guidance-scales", "1,inf", "comma-separated finite numbers"),
                                                   ("--truncation-rates", "1,1.5", "truncation rates in (0, 1]"),
+                                                  ("--truncation-targets", "guided,both", "'both' not allowed"),
                                                   ("--step-counts", "0", "positive integers")])
 def test_quality_benchmark_refuses_a_bad_grid(flag, value, message, capsys, tmp_path):
     with pytest.raises(SystemExit):

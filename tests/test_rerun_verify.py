@@ -40,7 +40,8 @@ def datasets(tmp_path_factory):
               "sampling.images_per_prompt": 2, "sampling.base_seed": 7, "output.rows_per_file": 3}
     runs = {"batch1": {"compute.batch_size": 1, "compute.max_actors": 1},
             "batch4_actors2": {"compute.batch_size": 4, "compute.min_actors": 2, "compute.max_actors": 2,
-                               "compute.cpus_per_actor": 0.5}}
+                               "compute.cpus_per_actor": 0.5},
+            "prompted": {"compute.batch_size": 1, "compute.max_actors": 1, "sampling.truncation_target": "prompted"}}
     with ray_started_locally():
         for name, compute in runs.items():
             run_job(load_job_config(None, {**common, **compute, "output.uri": str(folder / name)}))
@@ -145,6 +146,17 @@ def test_bad_where_filters_are_explained(datasets, condition, message):
 def test_rerun_of_unknown_ids_is_refused(datasets):
     with pytest.raises(ValueError, match="ids not in the dataset: 'nope'"):
         rerun(datasets["batch1"], ids=["p1", "nope"])
+
+
+def test_the_truncation_target_is_stored_verified_and_rerun(datasets, capsys):
+    guided, prompted = rows_by_key(datasets["batch1"]), rows_by_key(datasets["prompted"])
+    assert {row["truncation_target"] for row in guided.values()} == {"guided"}
+    assert {row["truncation_target"] for row in prompted.values()} == {"prompted"}
+    assert any(prompted[key]["tokens"] != guided[key]["tokens"] for key in guided)  # the setting was live
+    assert main(["verify", "--output", datasets["prompted"], "--sample", "3"]) == 0
+    summary = rerun(datasets["prompted"], ids=["p0"], batch_size=1)
+    for key, row in rows_by_key(summary.output_uri).items():
+        assert (row["truncation_target"], row["tokens"]) == ("prompted", prompted[key]["tokens"])
 
 
 def test_tokens_do_not_depend_on_batch_size_or_actor_count(datasets):

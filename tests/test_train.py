@@ -246,8 +246,9 @@ def demo_call_arguments(**changes) -> dict:
 
     sampling = SamplingConfig(**DEFAULT_MODEL_SAMPLING)
     return {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-            "truncation_rate": sampling.truncation_rate, "timestep_spacing": sampling.timestep_spacing,
-            "sampler": sampling.sampler, "prior_weight": sampling.prior_weight, **changes}
+            "truncation_rate": sampling.truncation_rate, "truncation_target": sampling.truncation_target,
+            "timestep_spacing": sampling.timestep_spacing, "sampler": sampling.sampler,
+            "prior_weight": sampling.prior_weight, **changes}
 
 
 def test_guidance_is_live_on_the_shipped_model():

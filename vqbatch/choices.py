@@ -17,6 +17,10 @@ Sampler = Literal["reference", "purity"]
 Noise = Literal["gumbel", "categorical"]
 # Which timesteps a run of N steps visits: "reference" the chain's last N (diffusers), "skip" N spread over it all.
 TimestepSpacing = Literal["reference", "skip"]
+# Which prediction a truncation rate cuts: "guided" the guided one, after guidance (diffusers and the reference code);
+# "prompted" the prompted one, before guidance, so guidance only re-weights the classes the prompt makes likely and
+# cannot lift a class both predictions call unlikely into a stray speck.
+TruncationTarget = Literal["guided", "prompted"]
 # Weights' and activations' dtype of a loaded model.
 DType = Literal["float32", "float16", "bfloat16"]
 # Where an engine actor runs its model: "auto" is cuda when the actor holds a GPU.
@@ -50,6 +54,7 @@ IntegrityCheck = Literal["decode", "exists"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 NOISES: tuple[str, ...] = get_args(Noise)
 TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
+TRUNCATION_TARGETS: tuple[str, ...] = get_args(TruncationTarget)
 DTYPES: tuple[str, ...] = get_args(DType)
 DEVICES: tuple[str, ...] = get_args(Device)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, INTEGRITY_CHECKS, NOISES, SAMPLERS,
-                             TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS, TRAIN_DTYPES)
+                             TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS, TRAIN_DTYPES, TRUNCATION_TARGETS)
 
 
 def add_tiny_model_command(commands: argparse._SubParsersAction) -> None:
@@ -60,6 +60,8 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--steps", "sampling.steps", int, "reverse-diffusion steps (default 100)"),
     ("--guidance-scale", "sampling.guidance_scale", float, "classifier-free guidance scale (default 5.0)"),
     ("--truncation-rate", "sampling.truncation_rate", float, "truncation rate in (0, 1] (default 1.0)"),
+    ("--truncation-target", "sampling.truncation_target", str, "guided: truncate after guidance (diffusers, the "
+                                                               "default); prompted: before it, no stray specks"),
     ("--images-per-prompt", "sampling.images_per_prompt", int, "images per prompt (default 1)"),
     ("--timestep-spacing", "sampling.timestep_spacing", str, "reference: diffusers' last N steps; skip: fewer "
                                                            "steps over the whole chain"),
@@ -145,7 +147,8 @@ def add_refresh_command(commands: argparse._SubParsersAction) -> None:
 
 # the flags whose values are one of a list (vqbatch/choices.py): argparse names the flag, the value and the list
 FLAG_CHOICES = {"sampling.timestep_spacing": TIMESTEP_SPACINGS, "sampling.sampler": SAMPLERS, "model.dtype": DTYPES,
-                "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS, "sampling.noise": NOISES}
+                "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS, "sampling.noise": NOISES,
+                "sampling.truncation_target": TRUNCATION_TARGETS}
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:

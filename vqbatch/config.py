@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
                       model_validator)
 
 from vqbatch.choices import (CompileMode, Device, DType, ImageFormat, Noise, OutputFormat, OutputMode, Sampler,
-                             TimestepSpacing)
+                             TimestepSpacing, TruncationTarget)
 
 NOOP_MODEL = "noop"  # model.uri selecting the no-op model: fixed tiny images, for data-plane benchmarks
 # Each image of a prompt is an output row sampled in the same read block; a larger count is taken for a typo (a job
@@ -102,6 +102,8 @@ class SamplingConfig(Section):
     guidance_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
     # keep the most likely classes holding this probability mass
     truncation_rate: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    # which prediction the rate cuts: guided (diffusers), or prompted, before guidance (no stray specks)
+    truncation_target: TruncationTarget = "guided"
     images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     timestep_spacing: TimestepSpacing = "reference"  # skip: fewer steps spread over the whole chain
     # purity: Improved VQ-Diffusion's purity prior, the surest tokens unmasked first and kept (schedulers/purity.py)

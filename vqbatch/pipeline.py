@@ -23,7 +23,8 @@ import PIL.Image
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from vqbatch.choices import COMPILE_MODES, NOISES, OUTPUT_TYPES, Noise, check_choice
+from vqbatch.choices import (COMPILE_MODES, NOISES, OUTPUT_TYPES, TRUNCATION_TARGETS, Noise, TruncationTarget,
+                             check_choice)
 from vqbatch.configuration import DIFFUSERS_VERSION, read_json, write_json
 from vqbatch.hub import local_checkpoint
 from vqbatch.models.embeddings import LearnedClassifierFreeSamplingEmbeddings
@@ -59,22 +60,34 @@ def truncate(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
 
 
 def truncate_(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
-    """In-place `truncate`: one descending sort, a cumulative sum, and the dropped set scattered back."""
+    """In-place `truncate`."""
+    return log_p_x_0.masked_fill_(truncated_classes(log_p_x_0, truncation_rate), -torch.inf)
+
+
+def truncated_classes(log_p_x_0: torch.Tensor, truncation_rate: float) -> torch.Tensor:
+    """The classes `truncate` drops, (B, K, P) bool: one descending sort, a cumulative sum, scattered back."""
     sorted_log_p, order = log_p_x_0.sort(dim=1, descending=True)  # (B, K, P) each
     mass_so_far = sorted_log_p.exp_().cumsum_(dim=1)  # mass of the k most likely classes, k = 1..K
     dropped_sorted = torch.empty_like(mass_so_far, dtype=torch.bool)  # (B, K, P)
     dropped_sorted[:, 0] = False
     torch.ge(mass_so_far[:, :-1], truncation_rate, out=dropped_sorted[:, 1:])  # class k+1 dropped once mass >= rate
-    dropped = torch.empty_like(dropped_sorted).scatter_(1, order, dropped_sorted)  # back to class order
-    return log_p_x_0.masked_fill_(dropped, -torch.inf)
+    return torch.empty_like(dropped_sorted).scatter_(1, order, dropped_sorted)  # back to class order
 
 
-def guide_(log_p_uncond: torch.Tensor, log_p_text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def guide_(log_p_uncond: torch.Tensor, log_p_text: torch.Tensor, guidance_scale: float,
+           prompted_truncation_rate: float | None = None) -> torch.Tensor:
     """Classifier-free guidance in log space, renormalised over classes; overwrites and returns `log_p_text`.
 
-    log p = log p(x0|0) + s (log p(x0|y) - log p(x0|0)), minus its log-sum-exp over the K classes.
+    log p = log p(x0|0) + s (log p(x0|y) - log p(x0|0)), minus its log-sum-exp over the K classes. With
+    `prompted_truncation_rate`, the classes that truncating p(x0|y) at that rate drops get log 0 before the
+    renormalisation: guidance re-weights only what the prompt makes likely. Without it, a class both predictions
+    call unlikely but the unconditional one more so is multiplied up by (p(x0|y) / p(x0|0))^(s-1), and the many
+    such classes of a large codebook together draw stray specks.
     """
+    dropped = None if prompted_truncation_rate is None else truncated_classes(log_p_text, prompted_truncation_rate)
     guided = log_p_text.sub_(log_p_uncond).mul_(guidance_scale).add_(log_p_uncond)  # (B, K, P)
+    if dropped is not None:
+        guided.masked_fill_(dropped, -torch.inf)
     return guided.sub_(torch.logsumexp(guided, dim=1, keepdim=True))
 
 
@@ -255,7 +268,8 @@ class VQDiffusionPipeline:
                  latents: torch.LongTensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback: Callable[[int, int, torch.LongTensor], None] | None = None,
                  callback_steps: int = 1, timestep_spacing: str = "reference", sampler: str = "reference",
-                 prior_weight: float = DEFAULT_PRIOR_WEIGHT, noise: Noise = "gumbel") -> ImagePipelineOutput | tuple:
+                 prior_weight: float = DEFAULT_PRIOR_WEIGHT, noise: Noise = "gumbel",
+                 truncation_target: TruncationTarget = "guided") -> ImagePipelineOutput | tuple:
         """Sample `num_images_per_prompt` images per prompt; images are ordered prompt by prompt.
 
         `generator` is one generator for the whole batch (the reference's random stream) or one per image, so that
@@ -269,6 +283,9 @@ class VQDiffusionPipeline:
         as diffusers does (`(tokens,)` for output_type="latent"). `noise`: "gumbel" draws each token by Gumbel-max
         (diffusers' random stream, token for token), "categorical" by inverse CDF from one uniform per latent pixel
         (the same distribution; the same noise on every device). Generators may live on any device.
+        `truncation_target`: "guided" truncates the guided prediction (diffusers' behaviour), "prompted" the prompted
+        one before guidance, so that guidance only re-weights the classes the prompt makes likely (no stray specks);
+        without guidance the two are the same.
 
         Every input is checked before the loop; the loop itself only queues device work (no reads back to the host),
         unless `callback` reads the tokens.
@@ -279,7 +296,9 @@ class VQDiffusionPipeline:
         check_guidance_and_truncation(guidance_scale, truncation_rate)
         check_sampler(sampler, prior_weight)
         check_choice("noise", noise, NOISES)
+        check_choice("truncation_target", truncation_target, TRUNCATION_TARGETS)
         guided = guidance_scale > 1.0
+        before_guidance = guided and truncation_target == "prompted"  # else truncation follows guidance
         text = self.text_conditions(prompts, num_images_per_prompt, guided)  # 2B or B rows
         sample = self.initial_tokens(latents, batch_size)  # (B, P)
         scheduler = self.sampling_scheduler(sampler, prior_weight)
@@ -287,8 +306,11 @@ class VQDiffusionPipeline:
         # each timestep as an int for the scheduler and as a device tensor for the model: no read off the device
         steps = list(zip(scheduler.timestep_values, scheduler.timesteps))
         for step, (t, t_device) in enumerate(self.progress_bar(steps)):
-            log_p_x_0 = self.predict_log_p_x_0(sample, text, t_device, guidance_scale if guided else None)
-            log_p_x_0 = truncate_(log_p_x_0, truncation_rate).clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
+            log_p_x_0 = self.predict_log_p_x_0(sample, text, t_device, guidance_scale if guided else None,
+                                               truncation_rate if before_guidance else None)
+            if not before_guidance:
+                log_p_x_0 = truncate_(log_p_x_0, truncation_rate)
+            log_p_x_0 = log_p_x_0.clamp_(min=LOG_ZERO_FLOOR)  # (B, K-1, P)
             sample = scheduler.step(log_p_x_0, timestep=t, sample=sample, generator=generator, noise=noise).prev_sample
             if callback is not None and step % callback_steps == 0:
                 callback(step, t_device, sample)
@@ -304,8 +326,9 @@ class VQDiffusionPipeline:
         return self.scheduler
 
     def predict_log_p_x_0(self, sample: torch.LongTensor, text: TextCache, t: torch.Tensor,
-                          guidance_scale: float | None) -> torch.Tensor:
-        """log p(x_0 | x_t, y), guided when `guidance_scale` is given: one forward over the doubled batch."""
+                          guidance_scale: float | None, prompted_truncation_rate: float | None = None) -> torch.Tensor:
+        """log p(x_0 | x_t, y), guided when `guidance_scale` is given: one forward over the doubled batch; see
+        `guide_` for `prompted_truncation_rate`."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up: their buffers may go
         if guidance_scale is None:
@@ -313,7 +336,7 @@ class VQDiffusionPipeline:
         both = self.transformer(torch.cat([sample, sample]), timestep=t, text_cache=text,
                                 return_dict=False)[0]  # (2B, K-1, P)
         log_p_uncond, log_p_text = both.chunk(2)
-        return guide_(log_p_uncond, log_p_text, guidance_scale)
+        return guide_(log_p_uncond, log_p_text, guidance_scale, prompted_truncation_rate)
 
     def text_conditions(self, prompts: list[str], num_images_per_prompt: int, guided: bool) -> TextCache:
         """Cross-attention keys and values per image (B rows; 2B with guidance, the unconditional rows first).

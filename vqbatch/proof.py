@@ -45,9 +45,10 @@ from vqbatch.io.integrity import Inspection, inspect_shards, lost_input_keys, ma
 from vqbatch.io.view import latest_per_key, read_dataset
 from vqbatch.sampler import build_model
 
-PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "timestep_spacing", "sampler",
-                     "prior_weight", "noise")  # one sampler each
-LEGACY_SAMPLING = {"noise": "gumbel"}  # what datasets written before a setting existed were sampled with
+PARAMETER_COLUMNS = ("model", "steps", "guidance_scale", "truncation_rate", "truncation_target", "timestep_spacing",
+                     "sampler", "prior_weight", "noise")  # one sampler each
+# what datasets written before a setting existed were sampled with
+LEGACY_SAMPLING = {"noise": "gumbel", "truncation_target": "guided"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class PipelineModel:
         output = self.pipe(padded(prompts, self.batch_shape), num_inference_steps=self.sampling.steps,
                            guidance_scale=self.sampling.guidance_scale, truncation_rate=self.sampling.truncation_rate,
                            timestep_spacing=self.sampling.timestep_spacing, sampler=self.sampling.sampler,
-                           prior_weight=self.sampling.prior_weight, noise=self.sampling.noise, output_type="latent",
+                           prior_weight=self.sampling.prior_weight, noise=self.sampling.noise,
+                           truncation_target=self.sampling.truncation_target, output_type="latent",
                            generator=generators)
         return output.tokens[:len(prompts)]
 

@@ -333,8 +333,8 @@ METADATA_SCHEMA = pa.schema([
     ("prompt_truncated", pa.bool_()),  # the tokenizer cut the prompt at its length limit; null when not sampled
     ("height", pa.int32()), ("width", pa.int32()),
     ("model", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
-    ("truncation_rate", pa.float64()), ("timestep_spacing", pa.string()), ("sampler", pa.string()),
-    ("prior_weight", pa.float64()), ("noise", pa.string()), ("image_format", pa.string()),
+    ("truncation_rate", pa.float64()), ("truncation_target", pa.string()), ("timestep_spacing", pa.string()),
+    ("sampler", pa.string()), ("prior_weight", pa.float64()), ("noise", pa.string()), ("image_format", pa.string()),
 ])
 FILE_NAME_FIELD = pa.field(FILE_NAME, pa.string())  # files format: the image's path under the metadata file's folder
 
@@ -403,6 +403,7 @@ def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config
     parameters, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
     constants = {"model": config.model.uri, "steps": config.sampling.steps,
                  "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
+                 "truncation_target": config.sampling.truncation_target,
                  "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
                  "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
                  "image_format": config.output.image_format}
