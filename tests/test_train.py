@@ -252,8 +252,9 @@ def demo_call_arguments(**changes) -> dict:
 
 
 def test_guidance_is_live_on_the_shipped_model():
-    """Its learned "no prompt" embeddings were trained (they start at zero) and guiding the demo's setting changes
-    the images of the same seeds, while a rerun of either reproduces its own."""
+    """Its learned "no prompt" embeddings were trained (they start at zero). Untruncated, guidance changes every
+    image of the same seeds; at the demo's setting (the prompted prediction truncated at 0.5 first) it re-weights
+    only where the prompted model is unsure, as in the two-object scene. A rerun of either reproduces its own."""
     pipe = VQDiffusionPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
     assert pipe.learned_classifier_free_sampling_embeddings.embeddings.abs().max().item() > 0.01
     prompts = ["a small red circle at the top left on a white background",
@@ -261,13 +262,18 @@ def test_guidance_is_live_on_the_shipped_model():
                "a small yellow triangle at the top right and a large green circle at the bottom left on a white "
                "background", "a large purple square at the bottom right on a white background"]
 
-    def tokens(guidance_scale: float) -> torch.Tensor:
+    def tokens(guidance_scale: float, **changes) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
         return pipe(prompts, generator=generators, output_type="latent",
-                    **demo_call_arguments(guidance_scale=guidance_scale)).tokens  # (B, P)
+                    **demo_call_arguments(guidance_scale=guidance_scale, **changes)).tokens  # (B, P)
 
-    unguided, guided = tokens(1.0), tokens(3.0)
-    assert torch.equal(guided, tokens(3.0)) and torch.equal(unguided, tokens(1.0))
+    untruncated = {"truncation_rate": 1.0}
+    unguided, guided = tokens(1.0, **untruncated), tokens(3.0, **untruncated)
+    assert torch.equal(guided, tokens(3.0, **untruncated)) and torch.equal(unguided, tokens(1.0, **untruncated))
     changed = (guided != unguided).any(dim=1)  # (B,) images whose tokens guidance changed
     assert bool(changed.all()), changed
     assert (guided != unguided).float().mean().item() > 0.05  # not a token or two: the distribution moved
+    demo_unguided, demo_guided = tokens(1.0), tokens(demo_call_arguments()["guidance_scale"])
+    assert demo_call_arguments()["guidance_scale"] > 1.0
+    assert torch.equal(demo_guided, tokens(demo_call_arguments()["guidance_scale"]))
+    assert bool((demo_guided[2] != demo_unguided[2]).any())  # the two-object scene
