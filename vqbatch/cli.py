@@ -101,6 +101,9 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
                                                         "embeddings, in [0, 1) (default: the config's, 0.2)")
     parser.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
                         help="how each sample's timestep is drawn (default: the config's, importance)")
+    parser.add_argument("--vqvae-from", metavar="CHECKPOINT",
+                        help="train the diffusion stage on this trained VQ-VAE (a checkpoint folder or its vqvae "
+                             "folder) instead of training one")
     parser.add_argument("--smoke", action="store_true", help="a tiny config that trains in a minute (for tests)")
     parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="float32", help="weights written")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a shared machine)")
@@ -113,7 +116,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         from pydantic import ValidationError
 
         settings = {**(SMOKE_CONFIG if args.smoke else {}), "seed": args.seed}
-        flags = ("vq_steps", "diffusion_steps", "drop_rate", "timestep_sampling")
+        flags = ("vq_steps", "diffusion_steps", "drop_rate", "timestep_sampling", "vqvae_from")
         settings.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
         try:
             config = TrainConfig(**settings)

@@ -1,7 +1,8 @@
 """`vqbatch train`: the default model, trained from nothing on the shapes dataset, in two stages.
 
     1. VQ-VAE: images (side `image_size`) <-> token grids (side image_size / 2^(levels-1)); then every training
-       image is encoded once into its tokens x_0.
+       image is encoded once into its tokens x_0. With `vqvae_from`, a VQ-VAE trained before is taken instead, as
+       the original code trains its transformer on a VQ-VAE trained beforehand.
     2. Diffusion: the VQ-Diffusion transformer, the CLIP text encoder and the learned "no prompt" embeddings,
        together, on L_vlb + λ L_x0 (`vqbatch.train.diffusion`).
 
@@ -62,6 +63,10 @@ class TrainConfig(BaseModel):
     vq_steps: int = Field(3000, ge=0)
     vq_batch_size: int = Field(32, ge=1)
     vq_learning_rate: float = Field(5e-3, gt=0)
+    # A trained VQ-VAE to build on instead of stage 1 (vq_* steps and rates then unused): a checkpoint folder with a
+    # `vqvae` subfolder, or a VQModel folder; its shape must be the one the vq_* settings above build. The shipped
+    # model's diffusion stage was trained on the VQ-VAE of the model before it (README, "The default model").
+    vqvae_from: str | None = None
     # text encoder
     text_hidden_size: int = Field(64, ge=8)
     text_layers: int = Field(2, ge=1)
@@ -234,8 +239,43 @@ def train_vqvae(models: Models, images: torch.Tensor, state: TrainState, folder:
         if state.step % config.checkpoint_every == 0:
             state.optimizer, state.codebook = optimizer.state_dict(), codebook.state_dict()
             state.save(folder, models)
-    model.eval()
-    state.tokens = encode_tokens(model, images)
+    end_vqvae_stage(models, images, state, folder, log)
+
+
+def adopt_vqvae(models: Models, images: torch.Tensor, state: TrainState, folder: Path, log: Log) -> None:
+    """Stage 1 from `config.vqvae_from`: its weights replace the fresh VQ-VAE's, then encode the training images."""
+    models.vqvae.load_state_dict(load_vqvae_from(state.config).state_dict())
+    log({"stage": "vqvae", "from": state.config.vqvae_from})
+    end_vqvae_stage(models, images, state, folder, log)
+
+
+def load_vqvae_from(config: TrainConfig) -> VQModel:
+    """The VQ-VAE `config.vqvae_from` names, in float32; a ValueError saying what differs when it is not one the
+    config's vq_* settings build."""
+    source = Path(config.vqvae_from)
+    folder = source / "vqvae" if (source / "vqvae" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"vqvae_from {source} holds no VQ-VAE: neither {source}/vqvae/config.json nor "
+                         f"{source}/config.json exists")
+    trained = VQModel.from_pretrained(folder).to(dtype=torch.float32)
+    theirs = trained.config.model_dump()
+    ours = build_vqvae(image_size=config.image_size, channels=config.vq_channels, codebook_size=config.codebook_size,
+                       embed_dim=config.vq_embed_dim).config.model_dump()
+    differs = {key: (theirs[key], ours[key]) for key in VQVAE_SHAPE_KEYS if theirs[key] != ours[key]}
+    if differs:
+        raise ValueError(f"the VQ-VAE in {folder} is not the one this config builds; differing (theirs, this "
+                         f"config's): {differs}; set image_size, vq_channels, codebook_size and vq_embed_dim to match")
+    return trained
+
+
+VQVAE_SHAPE_KEYS = ("block_out_channels", "num_vq_embeddings", "vq_embed_dim", "latent_channels", "sample_size",
+                    "down_block_types", "up_block_types", "layers_per_block", "norm_num_groups")
+
+
+def end_vqvae_stage(models: Models, images: torch.Tensor, state: TrainState, folder: Path, log: Log) -> None:
+    """Encode every training image into its tokens x_0 and move on to the diffusion stage."""
+    models.vqvae.eval()
+    state.tokens = encode_tokens(models.vqvae, images)
     log({"stage": "vqvae", "done": True, "codes_in_use": int(state.tokens.unique().numel())})
     state.stage, state.step, state.optimizer, state.codebook = "diffusion", 0, None, None
     state.save(folder, models)
@@ -309,13 +349,15 @@ def train(output: str | Path, config: TrainConfig = TrainConfig(), *, resume: bo
     if (folder / STATE_NAME).exists() and not resume:
         raise ValueError(f"{folder} already holds a training run ({STATE_NAME}); pass resume=True (--resume) to "
                          "continue it, or choose another output folder")
+    if config.vqvae_from and not resume:
+        load_vqvae_from(config)  # a wrong source fails before the data is drawn
     folder.mkdir(parents=True, exist_ok=True)
     images, captions = training_data(config)
     models = build_models(config, captions)
     state = TrainState.load(folder, config, models) if resume and (folder / STATE_NAME).exists() else \
         TrainState(config)
     if state.stage == "vqvae":
-        train_vqvae(models, images, state, folder, log)
+        (adopt_vqvae if config.vqvae_from else train_vqvae)(models, images, state, folder, log)
     if state.stage == "diffusion":
         train_diffusion(models, captions, state, folder, log)
     pipeline = models.pipeline().to(dtype=dtype)
