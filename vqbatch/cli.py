@@ -231,8 +231,8 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
 # trained on the shapes world (vqbatch train)
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model"
 # How the shipped model follows prompts best (README, "The default model", the guidance table): the purity sampler at
-# 25 steps over the whole chain, guidance 1.5 within the prompted prediction truncated at 0.5.
-DEFAULT_MODEL_SAMPLING = {"guidance_scale": 1.5, "truncation_rate": 0.5, "truncation_target": "prompted",
+# 25 steps over the whole chain, guidance 3 within the prompted prediction truncated at 0.5.
+DEFAULT_MODEL_SAMPLING = {"guidance_scale": 3.0, "truncation_rate": 0.5, "truncation_target": "prompted",
                           "sampler": "purity", "prior_weight": 1.0, "steps": 25, "timestep_spacing": "skip"}
 
 
