@@ -83,6 +83,21 @@ def test_categorical_noise_is_one_uniform_per_pixel_from_each_images_generator()
     assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[0], tokens[1])
 
 
+def test_categorical_tokens_are_exactly_those_of_the_counting_definition():
+    """The class drawn is the number of classes whose cumulative mass (torch's cumsum over the classes in order) is
+    at most u times the total. The binary search must give exactly those tokens, ruled-out classes and peaked
+    distributions included: datasets sampled before it must still rerun to their own tokens."""
+    for shape, scale in (((4, 4097, 256), 4.0), ((3, 50, 64), 1.0), ((2, 2, 7), 30.0), ((1, 513, 1), 0.1)):
+        log_p = torch.randn(shape, generator=seeded(1)) * scale  # (B, C, P)
+        log_p[0, :shape[1] // 2] = -torch.inf  # classes ruled out
+        tokens = categorical_sample_(log_p.clone(), [seeded(s) for s in range(shape[0])])
+        u = torch.cat([torch.rand((1, 1, shape[2]), generator=seeded(s)) for s in range(shape[0])])  # (B, 1, P)
+        cdf = (log_p - log_p.amax(dim=1, keepdim=True)).exp().cumsum(dim=1)  # (B, C, P)
+        expected = (cdf <= u * cdf[:, -1:]).sum(dim=1).clamp(max=shape[1] - 1)  # (B, P)
+        assert torch.equal(tokens, expected)
+        assert bool((tokens[0] >= shape[1] // 2).all())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generators on any device
 

@@ -206,13 +206,17 @@ def categorical_sample_(log_p: torch.Tensor, generator: Generators) -> torch.Lon
     """One class per pixel of the log-probabilities `log_p` (B, C, P, unnormalised; overwritten) by inverse CDF.
 
     u ~ U[0, 1) per pixel; the class is the first k with Σ_{j<=k} p_j > u Σ_j p_j: P(k) = p_k / Σ p, exactly the
-    distribution of Gumbel-max, from one uniform per pixel instead of one per class.
+    distribution of Gumbel-max, from one uniform per pixel instead of one per class. The cumulative sums run along
+    the classes of each pixel, laid out last so that they and the binary search read memory in order (a sum over
+    the middle dimension, and a comparison of every class with the threshold, took 70% of the step at ITHQ size).
     """
     B, C, P = log_p.shape
     u = uniform_noise((B, 1, P), log_p.device, generator)  # (B, 1, P)
-    cdf = log_p.sub_(log_p.amax(dim=1, keepdim=True)).exp_().cumsum_(dim=1)  # (B, C, P) non-decreasing in k
-    threshold = u.mul_(cdf[:, -1:])  # (B, 1, P) u times the total mass
-    return (cdf <= threshold).sum(dim=1).clamp_(max=C - 1)  # (B, P); the clamp catches u·total rounding up to total
+    p = log_p.sub_(log_p.amax(dim=1, keepdim=True)).exp_()  # (B, C, P) unnormalised probabilities
+    cdf = torch.cumsum(p.transpose(1, 2), dim=2)  # (B, P, C) non-decreasing in k
+    threshold = u.transpose(1, 2).mul_(cdf[:, :, -1:])  # (B, P, 1) u times the total mass
+    # the first k whose cumulative mass passes the threshold; the clamp catches u·total rounding up to total
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(2).clamp_(max=C - 1)  # (B, P)
 
 
 def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, overwrite: bool) -> torch.LongTensor:
