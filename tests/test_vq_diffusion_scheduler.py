@@ -383,3 +383,22 @@ def test_invalid_config_value_is_named(settings, key):
         VQDiffusionScheduler(**settings)
     with pytest.raises(ValueError, match=f"for '{key}'"):
         VQDiffusionScheduler.from_config(settings)
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "categorical"])
+def test_a_step_after_steps_of_other_shapes_equals_a_fresh_schedulers_step(noise):
+    """The scheduler keeps its full-size temporaries between steps (`Workspace`): steps of growing, shrinking and
+    other-dtype batches in turn return exactly what a fresh scheduler returns for each, and the reference's tokens."""
+    used = VQDiffusionScheduler(num_vec_classes=33, num_train_timesteps=20)
+    reference = ReferenceScheduler(num_vec_classes=33, num_train_timesteps=20)
+    for batch, pixels, dtype in ((2, 16, torch.float32), (5, 16, torch.float32), (1, 4, torch.float64),
+                                 (3, 16, torch.float32)):
+        log_p_x_0 = torch.randn((batch, 32, pixels), generator=seeded(batch), dtype=dtype).log_softmax(dim=1)
+        x_t = torch.randint(0, 33, (batch, pixels), generator=seeded(batch + 1))
+        fresh = VQDiffusionScheduler(num_vec_classes=33, num_train_timesteps=20)
+        for t in (12, 0):
+            tokens = used.step(log_p_x_0, t, x_t, generator=seeded(7), noise=noise).prev_sample
+            assert torch.equal(tokens, fresh.step(log_p_x_0, t, x_t, generator=seeded(7), noise=noise).prev_sample)
+            if noise == "gumbel" and dtype == torch.float32:
+                expected = reference.step(log_p_x_0, t, x_t, generator=seeded(7)).prev_sample
+                assert torch.equal(tokens, expected)

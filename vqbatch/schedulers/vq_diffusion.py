@@ -41,6 +41,7 @@ construction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -173,12 +174,14 @@ def log_stay_masked(x_t: torch.Tensor, mask_class: int) -> torch.Tensor:
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def uniform_noise(shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators) -> torch.Tensor:
-    """U[0, 1) noise of `shape` on `device`: one generator draws it all, a list draws row i from generator i.
+def uniform_noise(shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """U[0, 1) noise of `shape` on `device` (into `out`, float32 of that shape, when given): one generator draws it
+    all, a list draws row i from generator i.
 
     Each generator draws on its own device (torch refuses a CPU generator for a CUDA tensor); the noise then moves.
     """
-    noise = torch.empty(shape, device=device)
+    noise = torch.empty(shape, device=device) if out is None else out
     if generator is None or isinstance(generator, torch.Generator):
         return draw_into(noise, generator)
     generators = list(generator)
@@ -196,34 +199,67 @@ def draw_into(out: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return out.copy_(torch.rand(out.shape, generator=generator, device=generator.device), non_blocking=True)
 
 
-def gumbel_noised(logits: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """logits + g with g = -log(-log(u + ε) + ε), u ~ U[0, 1): the reference's floors, computed in place."""
-    noise = uniform_noise(logits.shape, logits.device, generator)  # (B, C, P)
+def gumbel_noised(logits: torch.Tensor, generator: Generators, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """logits + g with g = -log(-log(u + ε) + ε), u ~ U[0, 1): the reference's floors, computed in place (in
+    `scratch`, float32 of the logits' shape, when given)."""
+    noise = uniform_noise(logits.shape, logits.device, generator, out=scratch)  # (B, C, P)
     return noise.add_(TINY).log_().neg_().add_(TINY).log_().neg_().add_(logits)
 
 
-def categorical_sample_(log_p: torch.Tensor, generator: Generators) -> torch.LongTensor:
+def categorical_sample_(log_p: torch.Tensor, generator: Generators,
+                        scratch: torch.Tensor | None = None) -> torch.LongTensor:
     """One class per pixel of the log-probabilities `log_p` (B, C, P, unnormalised; overwritten) by inverse CDF.
 
     u ~ U[0, 1) per pixel; the class is the first k with Σ_{j<=k} p_j > u Σ_j p_j: P(k) = p_k / Σ p, exactly the
     distribution of Gumbel-max, from one uniform per pixel instead of one per class. The cumulative sums run along
     the classes of each pixel, laid out last so that they and the binary search read memory in order (a sum over
     the middle dimension, and a comparison of every class with the threshold, took 70% of the step at ITHQ size).
+    `scratch`, (B, P, C) in log_p's dtype when given, receives the cumulative sums.
     """
     B, C, P = log_p.shape
     u = uniform_noise((B, 1, P), log_p.device, generator)  # (B, 1, P)
     p = log_p.sub_(log_p.amax(dim=1, keepdim=True)).exp_()  # (B, C, P) unnormalised probabilities
-    cdf = torch.cumsum(p.transpose(1, 2), dim=2)  # (B, P, C) non-decreasing in k
+    cdf = torch.cumsum(p.transpose(1, 2), dim=2, out=scratch)  # (B, P, C) non-decreasing in k
     threshold = u.transpose(1, 2).mul_(cdf[:, :, -1:])  # (B, P, 1) u times the total mass
     # the first k whose cumulative mass passes the threshold; the clamp catches u·total rounding up to total
     return torch.searchsorted(cdf, threshold, right=True).squeeze(2).clamp_(max=C - 1)  # (B, P)
 
 
-def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, overwrite: bool) -> torch.LongTensor:
-    """A class per pixel drawn from `log_p` (B, C, P) with the `noise` method; `overwrite` lets it reuse `log_p`."""
+def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, overwrite: bool,
+                 workspace: "Workspace | None" = None) -> torch.LongTensor:
+    """A class per pixel drawn from `log_p` (B, C, P) with the `noise` method; `overwrite` lets it reuse `log_p`;
+    its one full-size temporary comes from `workspace` when given."""
+    B, C, P = log_p.shape
     if noise == "categorical":
-        return categorical_sample_(log_p if overwrite else log_p.clone(), generator)
-    return gumbel_noised(log_p, generator).argmax(dim=1)
+        scratch = workspace.view("scratch", (B, P, C), log_p.dtype, log_p.device) if workspace else None
+        return categorical_sample_(log_p if overwrite else log_p.clone(), generator, scratch)
+    scratch = workspace.view("scratch", (B, C, P), torch.float32, log_p.device) if workspace else None
+    return gumbel_noised(log_p, generator, scratch).argmax(dim=1)
+
+
+class Workspace:
+    """Scratch tensors a scheduler keeps from one step to the next, by name, allocated again only to grow or to change
+    dtype or device. On a CPU a fresh tensor pays its page faults on every step: about 90 ms for the 134 MB of a
+    (B, K + 1, P) float32 at ITHQ size and batch 8, as long as the arithmetic that fills it (CUDA's caching allocator
+    keeps its blocks already). Like the scheduler's timesteps, it serves one sampling loop at a time."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of `shape` in the storage kept under `name`; its values are left over."""
+        size, held = math.prod(shape), self.tensors.get(name)
+        if held is None or held.numel() < size or held.dtype != dtype or held.device != torch.device(device):
+            held = self.tensors[name] = torch.empty(size, dtype=dtype, device=device)
+        return held[:size].view(shape)
+
+
+def logsumexp_over_classes(q: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(q, dim=1, keepdim=True) for q (B, C, P), the same floats, its (B, C, P) temporary in
+    `scratch`: (B, 1, P)."""
+    maxes = q.amax(dim=1, keepdim=True)  # (B, 1, P)
+    maxes.masked_fill_(maxes.abs() == torch.inf, 0)  # as torch does: an all -inf pixel sums to -inf, not NaN
+    return torch.sub(q, maxes, out=scratch).exp_().sum(dim=1, keepdim=True).log_().add_(maxes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,6 +290,7 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
             torch.arange(-1, num_train_timesteps - 1), torch.arange(num_train_timesteps))  # (T,) single steps
         self.num_inference_steps: int | None = None
         self.spacing: TimestepSpacing = "reference"
+        self.workspace = Workspace()  # the step's full-size temporaries, kept between steps
         self._use_timesteps(list(range(num_train_timesteps - 1, -1, -1)), device=None)
 
     # -- schedule -----------------------------------------------------------------------------------------------------
@@ -346,16 +383,18 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
         self._check_model_output(log_p_x_0, x_t)
         return self._posterior(log_p_x_0, x_t, t, t_prev)
 
-    def _posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    def _posterior(self, log_p_x_0: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x_s | x_t) (B, K + 1, P), into `out` when given."""
         B, K, P = log_p_x_0.shape
         to_t = transition_rows(x_t, self.log_cumprod_at[t], self.log_cumprod_bt[t], self.log_cumprod_ct[t],
                                self.mask_class)  # q(x_t | x_0)
         s_to_t = transition_rows(x_t, *self._step_log_probs(s, t), self.mask_class)  # q(x_t | x_s)
         dtype = torch.promote_types(log_p_x_0.dtype, torch.float32)
-        out = torch.empty((B, K + 1, P), dtype=dtype, device=log_p_x_0.device)
+        out = torch.empty((B, K + 1, P), dtype=dtype, device=log_p_x_0.device) if out is None else out
         q = out[:, :K]  # (B, K, P) view: the non-mask classes
         combine_with_rows(log_p_x_0, to_t, torch.sub, out=q)  # log p(x_0) / q(x_t | x_0)
-        norm = torch.logsumexp(q, dim=1, keepdim=True)  # (B, 1, P)
+        norm = logsumexp_over_classes(q, self.workspace.view("scratch", (B, K, P), dtype, q.device))  # (B, 1, P)
         q.sub_(norm)  # weights over x_0 that sum to 1
         q.add_(self.log_cumprod_at[s])
         torch.logaddexp(q, self.log_cumprod_bt[s], out=q)  # Σ_{x_0} w(x_0) q(x_s = j | x_0) = ᾱ_s w_j + β̄_s
@@ -387,8 +426,12 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
                          noise: Noise) -> torch.Tensor:
         """x_s ~ p_θ(x_s | x_t), eq. 11 with p_θ(x_0 | x_t) (at t = 0, x_0 itself): (B, P) tokens."""
         if t == 0:
-            return draw_classes(log_p_x_0, generator, noise, overwrite=False)  # (B, P)
-        return draw_classes(self._posterior(log_p_x_0, x_t, t, s), generator, noise, overwrite=True)
+            return draw_classes(log_p_x_0, generator, noise, overwrite=False, workspace=self.workspace)  # (B, P)
+        B, K, P = log_p_x_0.shape
+        posterior = self.workspace.view("posterior", (B, K + 1, P), torch.promote_types(log_p_x_0.dtype, torch.float32),
+                                        log_p_x_0.device)
+        return draw_classes(self._posterior(log_p_x_0, x_t, t, s, out=posterior), generator, noise, overwrite=True,
+                            workspace=self.workspace)
 
     # -- input checks -------------------------------------------------------------------------------------------------
 
