@@ -242,15 +242,15 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def member_header(name: str, size: int) -> bytes:
-    """The header block of a tar member: tarfile's template with the member's name, size and checksum set in place
-    (tarfile's `addfile` took 45-75 µs a member, most of a webdataset shard's CPU at three members a row; this takes about 6). A name or
-    size a plain ustar header cannot hold takes tarfile's PAX header."""
+    """The header block of a tar member: tarfile's template with the member's name, size and checksum set in place.
+    tarfile's `addfile` took 45-75 µs a member, most of a webdataset shard's CPU at three members a row; this takes
+    about 6. A name or size a plain ustar header cannot hold takes tarfile's PAX header."""
     encoded = name.encode("utf-8")
     if len(encoded) > USTAR_NAME_BYTES or not encoded.isascii() or size >= USTAR_SIZE_LIMIT:
         return tar_info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     size_field = b"%011o\0" % size
     checksum = TEMPLATE_CHECKSUM + sum(encoded) + sum(size_field)
-    return b"".join((encoded, TEMPLATE_AFTER_NAME[len(encoded):], size_field, TEMPLATE_BEFORE_CHECKSUM,
+    return b"".join((encoded, TEMPLATE_BEFORE_SIZE[len(encoded):], size_field, TEMPLATE_BEFORE_CHECKSUM,
                      b"%06o\0 " % checksum, TEMPLATE_AFTER_CHECKSUM))
 
 
@@ -265,10 +265,11 @@ USTAR_SIZE_LIMIT = 8 ** 11  # 11 octal digits
 # The header of an empty, unnamed member, cut around the three fields a member sets: name (bytes 0-99, NUL padded),
 # size (124-135) and checksum (148-155, the sum of the header's bytes with its own field counted as spaces).
 MEMBER_HEADER_TEMPLATE = tar_info("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-TEMPLATE_AFTER_NAME = MEMBER_HEADER_TEMPLATE[:124]
+TEMPLATE_BEFORE_SIZE = MEMBER_HEADER_TEMPLATE[:124]
 TEMPLATE_BEFORE_CHECKSUM = MEMBER_HEADER_TEMPLATE[136:148]
 TEMPLATE_AFTER_CHECKSUM = MEMBER_HEADER_TEMPLATE[156:]
-TEMPLATE_CHECKSUM = sum(TEMPLATE_AFTER_NAME) + sum(TEMPLATE_BEFORE_CHECKSUM) + 8 * ord(" ") + sum(TEMPLATE_AFTER_CHECKSUM)
+TEMPLATE_CHECKSUM = (sum(TEMPLATE_BEFORE_SIZE) + sum(TEMPLATE_BEFORE_CHECKSUM) + 8 * ord(" ")
+                     + sum(TEMPLATE_AFTER_CHECKSUM))
 
 
 def tar_members(data: bytes) -> list[tuple[str, bytes]]:

@@ -35,7 +35,8 @@ from numbers import Real
 import torch
 
 from vqbatch.choices import SAMPLERS, Noise, check_choice
-from vqbatch.schedulers.vq_diffusion import LOG_TINY, Generators, VQDiffusionScheduler, draw_classes, gumbel_noised
+from vqbatch.schedulers.vq_diffusion import (LOG_TINY, Generators, VQDiffusionScheduler, Workspace, draw_classes,
+                                             gumbel_noised)
 
 DEFAULT_PRIOR_WEIGHT = 0.0  # r of eq. 11, the official default
 
@@ -70,10 +71,12 @@ def log_purity(log_p_x_0: torch.Tensor) -> torch.Tensor:
     return log_p_x_0.amax(dim=1).clamp(min=LOG_TINY)
 
 
-def sharpened_logits(log_p_x_0: torch.Tensor, log_purity: torch.Tensor, prior_weight: float) -> torch.Tensor:
-    """Eq. 11: (1 + r s_i) log p(x_0^i = k | x_t) with s_i = purity(i) / max_j purity(j), shape (B, K, P)."""
+def sharpened_logits(log_p_x_0: torch.Tensor, log_purity: torch.Tensor, prior_weight: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 11: (1 + r s_i) log p(x_0^i = k | x_t) with s_i = purity(i) / max_j purity(j), shape (B, K, P), into
+    `out` when given."""
     relative = (log_purity - log_purity.amax(dim=1, keepdim=True)).exp_()  # (B, P) s_i in (0, 1]
-    return log_p_x_0 * (1 + prior_weight * relative).unsqueeze(1)
+    return torch.mul(log_p_x_0, (1 + prior_weight * relative).unsqueeze(1), out=out)
 
 
 def pixels_to_unmask(log_purity: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor,
@@ -90,16 +93,20 @@ def pixels_to_unmask(log_purity: torch.Tensor, masked: torch.Tensor, counts: tor
 
 
 def purity_prior_step(log_p_x_0: torch.Tensor, x_t: torch.LongTensor, num_left_masked: int, prior_weight: float,
-                      generator: Generators, mask_class: int, noise: Noise = "gumbel") -> torch.LongTensor:
+                      generator: Generators, mask_class: int, noise: Noise = "gumbel",
+                      workspace: Workspace | None = None) -> torch.LongTensor:
     """x_s: x_t with its surest masked pixels unmasked until `num_left_masked` are left masked (none are added).
 
-    log_p_x_0: (B, K, P) the model's log p(x_0 | x_t); x_t: (B, P) tokens, `mask_class` where masked.
+    log_p_x_0: (B, K, P) the model's log p(x_0 | x_t); x_t: (B, P) tokens, `mask_class` where masked; the full-size
+    temporaries come from `workspace` when given.
     """
     log_p_x_0 = log_p_x_0.float()
     masked = x_t == mask_class  # (B, P)
     counts = (masked.sum(dim=1) - num_left_masked).clamp_(min=0)  # (B,) pixels each image unmasks
     purity = log_purity(log_p_x_0)  # (B, P)
-    tokens = draw_classes(sharpened_logits(log_p_x_0, purity, prior_weight), generator, noise, overwrite=True)  # (B, P)
+    sharpened = workspace.view("posterior", log_p_x_0.shape, log_p_x_0.dtype, log_p_x_0.device) if workspace else None
+    tokens = draw_classes(sharpened_logits(log_p_x_0, purity, prior_weight, out=sharpened), generator, noise,
+                          overwrite=True, workspace=workspace)  # (B, P)
     return torch.where(pixels_to_unmask(purity, masked, counts, generator), tokens, x_t)
 
 
@@ -129,4 +136,4 @@ class PurityPriorScheduler(VQDiffusionScheduler):
                          noise: Noise) -> torch.Tensor:
         """x_s by the purity prior: x_t with its surest masked pixels unmasked down to round(P γ̄_s) masked."""
         return purity_prior_step(log_p_x_0, x_t, self.num_left_masked(s, x_t.shape[1]), self.prior_weight,
-                                 generator, self.mask_class, noise)
+                                 generator, self.mask_class, noise, self.workspace)
