@@ -8,7 +8,7 @@ import torch
 from diffusers import VQDiffusionScheduler as ReferenceScheduler
 from diffusers.schedulers.scheduling_vq_diffusion import index_to_log_onehot
 
-from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler, VQDiffusionSchedulerOutput
+from vqbatch.schedulers.vq_diffusion import VQDiffusionScheduler, VQDiffusionSchedulerOutput, Workspace
 
 CLASSES_AND_PIXELS = [(3, 1), (3, 7), (17, 33), (257, 7), (4097, 1), (4097, 7)]  # (num_vec_classes, pixels)
 TIMESTEPS = [0, 1, 37, 98, 99]
@@ -402,3 +402,17 @@ def test_a_step_after_steps_of_other_shapes_equals_a_fresh_schedulers_step(noise
             if noise == "gumbel" and dtype == torch.float32:
                 expected = reference.step(log_p_x_0, t, x_t, generator=seeded(7)).prev_sample
                 assert torch.equal(tokens, expected)
+
+
+def test_the_workspace_holds_tensors_on_the_cpu_only():
+    """On the CPU a view reuses the storage kept under its name (growing it when needed); elsewhere every view is a
+    fresh tensor and nothing is held ('meta' stands in for a GPU, whose caching allocator already reuses blocks)."""
+    workspace = Workspace()
+    first = workspace.view("scratch", (2, 3, 4), torch.float32, torch.device("cpu"))
+    smaller = workspace.view("scratch", (3, 4), torch.float32, torch.device("cpu"))
+    assert smaller.data_ptr() == first.data_ptr() and smaller.is_contiguous()
+    larger = workspace.view("scratch", (5, 6), torch.float32, torch.device("cpu"))
+    assert larger.shape == (5, 6) and workspace.tensors["scratch"].numel() == 30
+    assert workspace.view("scratch", (2,), torch.float64, torch.device("cpu")).dtype == torch.float64
+    elsewhere = workspace.view("other", (2, 3), torch.float32, torch.device("meta"))
+    assert elsewhere.device.type == "meta" and "other" not in workspace.tensors

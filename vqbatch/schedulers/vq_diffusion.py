@@ -238,18 +238,22 @@ def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, ov
 
 
 class Workspace:
-    """Scratch tensors a scheduler keeps from one step to the next, by name, allocated again only to grow or to change
-    dtype or device. On a CPU a fresh tensor pays its page faults on every step: about 90 ms for the 134 MB of a
-    (B, K + 1, P) float32 at ITHQ size and batch 8, as long as the arithmetic that fills it (CUDA's caching allocator
-    keeps its blocks already). Like the scheduler's timesteps, it serves one sampling loop at a time."""
+    """Scratch tensors a scheduler keeps on the CPU from one step to the next, by name, allocated again only to grow
+    or to change dtype. On a CPU a fresh tensor pays its page faults on every step: about 90 ms for the 134 MB of a
+    (B, K + 1, P) float32 at ITHQ size and batch 8, as long as the arithmetic that fills it. On other devices each
+    call allocates afresh: CUDA's caching allocator reuses freed blocks already, and holding them between steps would
+    only add to the transformer's peak memory. Like the scheduler's timesteps, it serves one sampling loop at a
+    time."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
 
     def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A contiguous tensor of `shape` in the storage kept under `name`; its values are left over."""
+        """A contiguous tensor of `shape`, on the CPU in the storage kept under `name`; its values are left over."""
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         size, held = math.prod(shape), self.tensors.get(name)
-        if held is None or held.numel() < size or held.dtype != dtype or held.device != torch.device(device):
+        if held is None or held.numel() < size or held.dtype != dtype:
             held = self.tensors[name] = torch.empty(size, dtype=dtype, device=device)
         return held[:size].view(shape)
 
