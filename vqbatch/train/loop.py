@@ -242,9 +242,11 @@ def train_vqvae(models: Models, images: torch.Tensor, state: TrainState, folder:
     end_vqvae_stage(models, images, state, folder, log)
 
 
-def adopt_vqvae(models: Models, images: torch.Tensor, state: TrainState, folder: Path, log: Log) -> None:
-    """Stage 1 from `config.vqvae_from`: its weights replace the fresh VQ-VAE's, then encode the training images."""
-    models.vqvae.load_state_dict(load_vqvae_from(state.config).state_dict())
+def adopt_vqvae(models: Models, trained: VQModel, images: torch.Tensor, state: TrainState, folder: Path,
+                log: Log) -> None:
+    """Stage 1 from `config.vqvae_from`: its weights (`trained`) replace the fresh VQ-VAE's, then encode the training
+    images."""
+    models.vqvae.load_state_dict(trained.state_dict())
     log({"stage": "vqvae", "from": state.config.vqvae_from})
     end_vqvae_stage(models, images, state, folder, log)
 
@@ -349,15 +351,17 @@ def train(output: str | Path, config: TrainConfig = TrainConfig(), *, resume: bo
     if (folder / STATE_NAME).exists() and not resume:
         raise ValueError(f"{folder} already holds a training run ({STATE_NAME}); pass resume=True (--resume) to "
                          "continue it, or choose another output folder")
-    if config.vqvae_from and not resume:
-        load_vqvae_from(config)  # a wrong source fails before the data is drawn
+    adopted = load_vqvae_from(config) if config.vqvae_from else None  # a wrong source fails before the data is drawn
     folder.mkdir(parents=True, exist_ok=True)
     images, captions = training_data(config)
     models = build_models(config, captions)
     state = TrainState.load(folder, config, models) if resume and (folder / STATE_NAME).exists() else \
         TrainState(config)
     if state.stage == "vqvae":
-        (adopt_vqvae if config.vqvae_from else train_vqvae)(models, images, state, folder, log)
+        if adopted is not None:
+            adopt_vqvae(models, adopted, images, state, folder, log)
+        else:
+            train_vqvae(models, images, state, folder, log)
     if state.stage == "diffusion":
         train_diffusion(models, captions, state, folder, log)
     pipeline = models.pipeline().to(dtype=dtype)
