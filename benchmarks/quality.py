@@ -90,8 +90,8 @@ def run(settings: Settings) -> Report:
     pipeline = VQDiffusionPipeline.from_pretrained(settings.model, torch_dtype=torch.float32)
     prompts = evaluation_prompts(settings.one_object, settings.two_object)
     report = Report("quality", asdict(settings), machine("cpu"), columns=[
-        "sampler", "steps", "guidance_scale", "truncation_rate", "truncation_target", "transformer_calls", "one_object_all",
-        "two_object_all", "one_object_specks", "two_object_specks", *(f"one_object_{a}" for a in ATTRIBUTES),
+        "sampler", "steps", "guidance_scale", "truncation_rate", "truncation_target", "transformer_calls",
+        "one_object_all", "two_object_all", "one_object_specks", "two_object_specks", *(f"one_object_{a}" for a in ATTRIBUTES),
         "images_per_s"])
     for setting in grid(settings):
         report.rows.append(measure(pipeline, prompts, setting, settings))

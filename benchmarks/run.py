@@ -223,7 +223,8 @@ def run_quality(args: argparse.Namespace):
     settings = quality.Settings(model=args.model or str(DEFAULT_MODEL), one_object=args.one_object,
                                 two_object=args.two_object, samplers=args.samplers, step_counts=args.step_counts,
                                 guidance_scales=args.guidance_scales, truncation_rates=args.truncation_rates,
-                                truncation_targets=args.truncation_targets, prior_weight=args.prior_weight, batch=args.batch, seed=args.seed)
+                                truncation_targets=args.truncation_targets, prior_weight=args.prior_weight,
+                                batch=args.batch, seed=args.seed)
     return quality.run(settings), "quality"
 
 

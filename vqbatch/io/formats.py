@@ -220,7 +220,7 @@ def json_bytes(row: dict) -> bytes:
 
 def npy_bytes(array: np.ndarray) -> bytes:
     """`array` as an .npy file in C order: for a C-ordered array, the bytes `np.save` writes."""
-    return npy_header(array.shape, array.dtype.str) + np.ascontiguousarray(array).tobytes()
+    return npy_header(array.shape, array.dtype.str) + array.tobytes()  # tobytes writes C order
 
 
 @functools.lru_cache(maxsize=16)

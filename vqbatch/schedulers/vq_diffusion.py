@@ -226,7 +226,7 @@ def categorical_sample_(log_p: torch.Tensor, generator: Generators,
 
 
 def draw_classes(log_p: torch.Tensor, generator: Generators, noise: Noise, *, overwrite: bool,
-                 workspace: "Workspace | None" = None) -> torch.LongTensor:
+                 workspace: Workspace | None = None) -> torch.LongTensor:
     """A class per pixel drawn from `log_p` (B, C, P) with the `noise` method; `overwrite` lets it reuse `log_p`;
     its one full-size temporary comes from `workspace` when given."""
     B, C, P = log_p.shape
