@@ -14,8 +14,8 @@
 (c) invariance  the same images sampled in one batch, alone, and alone padded to the batch: tokens and pixels equal?
 (d) memory      the peak device memory of each timed vqbatch call (the CUDA allocator's peak; on a CPU the process's
                 peak resident set).
-It imports no Ray. Besides torch, transformers, safetensors, pyarrow, numpy and pillow it needs pydantic, diffusers
-and pytest, which `benchmarks/wheels.sh` downloads as wheels into `.wheels/` (git-ignored) to carry to the machine.
+It imports no Ray. Of what the H200 image lacks it needs pydantic and diffusers: `benchmarks/wheels.sh` downloads
+them as wheels into `.whl/` (git-ignored) to carry there, and `benchmarks/gpu.sh` installs them and runs this.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Wheels that `python -m benchmarks.run gpu` needs beyond torch, transformers, safetensors, pyarrow, numpy and
-# pillow, downloaded into .whl/ (git-ignored) to carry to a GPU machine that cannot reach a package index:
-#   there:  pip install --no-index --find-links .whl pydantic diffusers pytest && pip install --no-deps -e .
-# Wheels are for this interpreter's Python and platform; extra arguments go to `pip download`, e.g.
-#   benchmarks/wheels.sh --python-version 3.11 --platform manylinux2014_x86_64
+# The wheels `python -m benchmarks.run gpu` needs that the GPU machine's image lacks, downloaded into .whl/
+# (git-ignored) for a machine that cannot reach a package index. That image already holds torch, transformers,
+# safetensors, pyarrow, numpy, pillow, pytest, typing-extensions and diffusers' other requirements, so each wheel is
+# fetched alone (--no-deps) and shadows nothing there. They are built for the image's Python (3.12 on x86-64 Linux);
+# PYTHON_VERSION=3.11 benchmarks/wheels.sh fetches them for another. There, benchmarks/gpu.sh installs and runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-download() { "$PYTHON" -m pip download --quiet --only-binary=:all: --dest .whl "$@"; }
-download "pydantic>=2.6" "pytest>=8" "${@}"                        # configs, the tests marked gpu; with their deps
-# the numerical oracle: its other requirements (huggingface-hub, numpy, pillow, ...) come with transformers
-download --no-deps "diffusers==0.42.1" importlib_metadata zipp "${@}"
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
+rm -rf .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
+    --python-version "${PYTHON_VERSION:-3.12}" --implementation cp "${PLATFORMS[@]/#/--platform=}" \
+    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 diffusers==0.42.1
 ls .whl
