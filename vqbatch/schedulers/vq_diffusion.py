@@ -266,6 +266,11 @@ def logsumexp_over_classes(q: torch.Tensor, scratch: torch.Tensor) -> torch.Tens
     return torch.sub(q, maxes, out=scratch).exp_().sum(dim=1, keepdim=True).log_().add_(maxes)
 
 
+def posterior_dtype(log_p_x_0: torch.Tensor) -> torch.dtype:
+    """The posterior's dtype: at least float32, whatever the model's output dtype (float16 and bfloat16 included)."""
+    return torch.promote_types(log_p_x_0.dtype, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the scheduler
 
@@ -394,7 +399,7 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
         to_t = transition_rows(x_t, self.log_cumprod_at[t], self.log_cumprod_bt[t], self.log_cumprod_ct[t],
                                self.mask_class)  # q(x_t | x_0)
         s_to_t = transition_rows(x_t, *self._step_log_probs(s, t), self.mask_class)  # q(x_t | x_s)
-        dtype = torch.promote_types(log_p_x_0.dtype, torch.float32)
+        dtype = posterior_dtype(log_p_x_0)
         out = torch.empty((B, K + 1, P), dtype=dtype, device=log_p_x_0.device) if out is None else out
         q = out[:, :K]  # (B, K, P) view: the non-mask classes
         combine_with_rows(log_p_x_0, to_t, torch.sub, out=q)  # log p(x_0) / q(x_t | x_0)
@@ -432,8 +437,7 @@ class VQDiffusionScheduler(ConfigOnlyComponent):
         if t == 0:
             return draw_classes(log_p_x_0, generator, noise, overwrite=False, workspace=self.workspace)  # (B, P)
         B, K, P = log_p_x_0.shape
-        posterior = self.workspace.view("posterior", (B, K + 1, P), torch.promote_types(log_p_x_0.dtype, torch.float32),
-                                        log_p_x_0.device)
+        posterior = self.workspace.view("posterior", (B, K + 1, P), posterior_dtype(log_p_x_0), log_p_x_0.device)
         return draw_classes(self._posterior(log_p_x_0, x_t, t, s, out=posterior), generator, noise, overwrite=True,
                             workspace=self.workspace)
 
