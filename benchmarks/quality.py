@@ -91,12 +91,13 @@ def run(settings: Settings) -> Report:
     prompts = evaluation_prompts(settings.one_object, settings.two_object)
     report = Report("quality", asdict(settings), machine("cpu"), columns=[
         "sampler", "steps", "guidance_scale", "truncation_rate", "truncation_target", "transformer_calls",
-        "one_object_all", "two_object_all", "one_object_specks", "two_object_specks", *(f"one_object_{a}" for a in ATTRIBUTES),
-        "images_per_s"])
+        "one_object_all", "two_object_all", "one_object_specks", "two_object_specks",
+        *(f"one_object_{a}" for a in ATTRIBUTES), "images_per_s"])
     for setting in grid(settings):
         report.rows.append(measure(pipeline, prompts, setting, settings))
         print(report.rows[-1], flush=True)
-    report.summary = {**fewer_calls_summary(report.rows), **guidance_summary(report.rows)}
+    report.summary = {**fewer_calls_summary(report.rows),
+                      **guidance_summary(report.rows, single_target=settings.truncation_targets[0])}
     report.notes.append(f"{settings.one_object} one-object and {settings.two_object} two-object prompts; adherence "
                         "is the share of images with every attribute right (by the detector), per group; specks the "
                         "share of images with stray specks.")
@@ -123,9 +124,10 @@ def points(better: dict | None, worse: dict | None, key: str) -> float | None:
     return None if better is None or worse is None else round(100 * (better[key] - worse[key]), 1)
 
 
-def guidance_summary(rows: list[dict]) -> dict:
+def guidance_summary(rows: list[dict], single_target: str) -> dict:
     """The guided row with the most two-object images all right (ties: more one-object), and what issue 17's
-    targets compare it with: unguided, truncation 1.0, and the fewest steps, each otherwise the same setting."""
+    targets compare it with: unguided, truncation 1.0, and the fewest steps, each otherwise the same setting.
+    `single_target` is the truncation target of the rows run once (without guidance or without truncation)."""
     guided = [r for r in rows if r["guidance_scale"] > 1.0]
     if not guided:
         return {}
@@ -136,7 +138,6 @@ def guidance_summary(rows: list[dict]) -> dict:
                                           "truncation_target")}, **changes}
         return next((r for r in rows if all(r[k] == v for k, v in wanted.items())), None)
 
-    single_target = rows[0]["truncation_target"]  # what rows without guidance or truncation were run with
     unguided = same_but(guidance_scale=1.0, truncation_target=single_target)
     untruncated = same_but(truncation_rate=1.0, truncation_target=single_target)
     fewest = same_but(steps=min(r["steps"] for r in rows))
