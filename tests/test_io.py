@@ -18,7 +18,7 @@ from vqbatch.io.card import CARD_NAME
 from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
 from vqbatch.io.images import decode_image, encode_image, png_bytes
-from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, open_input
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, image_keys, open_input
 from vqbatch.seeds import image_seed
 
 NO_S3 = S3Config()
@@ -138,6 +138,21 @@ def test_expand_rows_gives_one_row_per_image_with_its_seed_and_status():
     assert by_key[("12", 1)]["error"] == "prompt is empty"
     assert "seed -1 is out of range" in by_key[("13", 0)]["error"]
     assert all(row["seed"] is None for row in by_key.values() if row["status"] == "error")
+
+
+@pytest.mark.parametrize("ids", [[10, -3, 2**40, 7], ["a", "a\x00b", "ü 東京 🙂", "a/b"]], ids=["integer", "text"])
+def test_image_keys_are_expand_rows_keys_and_a_selection_expands_only_its_rows(ids):
+    prompts = pa.concat_arrays([pa.array(["a cat", None, "  "], pa.string()),
+                                pa.array([b"a \xff dog"], pa.binary()).view(pa.string())])
+    table = pa.table({"id": ids, "prompt": prompts, "seed": [3, 4, None, -1], "tag": ["w", "x", "y", "z"]})
+    config = InputConfig(paths=["x"], keep_columns=["tag"])
+    sampling = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": "o",
+                                      "sampling.images_per_prompt": 3, "sampling.base_seed": 9}).sampling
+    whole = expand_rows(table, config, sampling)
+    assert image_keys(table, config, sampling).equals(whole.select(["id", "image_index"]))
+    selected = np.array([1, 4, 5, 9, 11])
+    assert expand_rows(table, config, sampling, selected).equals(whole.take(pa.array(selected)))
+    assert expand_rows(table, config, sampling, np.array([], np.int64)).num_rows == 0
 
 
 def test_rows_without_a_seed_column_get_derived_seeds():

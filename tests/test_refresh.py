@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from vqbatch.cli import main
-from vqbatch.config import S3Config, load_job_config
+from vqbatch.config import InputConfig, S3Config, SamplingConfig, load_job_config
 from vqbatch.engine import refresh, run_job
 from vqbatch.io import dataset
-from vqbatch.io.dataset import (FINGERPRINT_NAME, OutputRoot, drop_done, plan_version, read_manifest, read_metadata,
-                                start_version)
+from vqbatch.io.dataset import (FINGERPRINT_NAME, OutputRoot, pending_image_rows, plan_version, read_manifest,
+                                read_metadata, start_version)
 from vqbatch.io.filesystems import resolve
 from vqbatch.io.held import HeldBuckets
 from vqbatch.io.prompts import expand_rows, open_input
@@ -169,9 +169,13 @@ def test_publishing_keeps_each_new_key_once_and_no_held_key(tmp_path, monkeypatc
     assert sorted(keys) == [("a", 0), ("b", 0), ("c", 0)]
 
 
-def test_drop_done_compares_whole_keys_even_when_ids_hold_nul():
-    rows = pa.table({"id": ["a\x001", "a", "a", "b"], "image_index": pa.array([0, 10, 1, 1], pa.int32())})
-    done = key_column(pa.table({"id": ["a", "b"], "image_index": pa.array([10, 0], pa.int32())}))
-    assert drop_done(rows, HeldBuckets.of(done)).to_pylist() == [{"id": "a\x001", "image_index": 0}, {"id": "a", "image_index": 1},
-                                                 {"id": "b", "image_index": 1}]
-    assert drop_done(rows, HeldBuckets.of(pa.array([], pa.binary()))) is rows
+def test_pending_image_rows_compare_whole_keys_even_when_ids_hold_nul():
+    table = pa.table({"id": ["a\x001", "a", "b"], "prompt": ["p", "q", "r"]})
+    config, sampling = InputConfig(paths=["x"]), SamplingConfig(images_per_prompt=2)
+    done = key_column(pa.table({"id": ["a", "b", "a"], "image_index": pa.array([0, 1, 10], pa.int32())}))
+    pending = pending_image_rows(table, config, sampling, HeldBuckets.of(done))
+    assert expand_rows(table, config, sampling, pending).select(["id", "image_index"]).to_pylist() == [
+        {"id": "a\x001", "image_index": 0}, {"id": "a\x001", "image_index": 1}, {"id": "a", "image_index": 1},
+        {"id": "b", "image_index": 0}]
+    nothing_done = HeldBuckets.of(pa.array([], pa.binary()))
+    assert pending_image_rows(table, config, sampling, nothing_done).tolist() == list(range(6))

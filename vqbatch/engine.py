@@ -34,8 +34,8 @@ import ray.data
 from vqbatch.batch_size import probe_batch_size
 from vqbatch.config import ComputeConfig, InputConfig, JobConfig, OutputConfig, SamplingConfig
 from vqbatch.faults import ResilientSampler
-from vqbatch.io.dataset import (VersionPlan, check_output, drop_done, plan_version, prepare_output, publish_version,
-                                start_version)
+from vqbatch.io.dataset import (VersionPlan, check_output, pending_image_rows, plan_version, prepare_output,
+                                publish_version, start_version)
 from vqbatch.io.filesystems import OutputRoot, is_s3
 from vqbatch.io.formats import check_kept_columns, sampled_table, write_shard
 from vqbatch.io.held import HeldBuckets
@@ -391,8 +391,9 @@ def configure_data_context(context: ray.data.DataContext) -> None:
 def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, sampling: SamplingConfig,
                       done: HeldBuckets) -> Iterator[pa.Table]:
     """The image rows of each input file in `files` (a `path` column), a batch of input rows at a time:
-    `expand_rows`, less the rows whose key is in `done` (held or staged already). `done`'s buckets are in Ray's
-    object store: the task fetches one at a time (`vqbatch.io.held`), never every held key.
+    `expand_rows`, less the rows whose key is in `done` (held or staged already), which are found by their keys
+    and never expanded. `done`'s buckets are in Ray's object store: the task fetches one at a time
+    (`vqbatch.io.held`), never every held key.
 
     The engine reads the files itself rather than through `ray.data.read_parquet`: `open_input` has already listed
     and checked them, and Ray's listing task and its size-balanced buckets (every small file in one read task) cost
@@ -400,7 +401,8 @@ def read_pending_rows(files: pa.Table, inputs: InputFiles, config: InputConfig, 
     """
     for path in files.column("path").to_pylist():
         for batch in inputs.batches(path, inputs.columns(config)):
-            yield drop_done(expand_rows(pa.Table.from_batches([batch]), config, sampling), done, ray.get)
+            table = pa.Table.from_batches([batch])
+            yield expand_rows(table, config, sampling, pending_image_rows(table, config, sampling, done, ray.get))
 
 
 def write_shard_rows(sampled: pa.Table, config: JobConfig, folder: str) -> pa.Table:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vqbatch.config import JobConfig, OutputConfig, S3Config
+from vqbatch.config import InputConfig, JobConfig, OutputConfig, S3Config, SamplingConfig
 from vqbatch.io.card import CARD_NAME, is_dataset_card, write_dataset_card
 from vqbatch.io.filesystems import OutputRoot, exists, inside_root, list_files, read_bytes, write_bytes_atomically
 from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name, metadata_name, metadata_schema,
@@ -51,7 +51,7 @@ from vqbatch.io.formats import (METADATA_SCHEMA, is_metadata_name, is_shard_name
 from vqbatch.io.held import HeldBuckets, held_rows
 from vqbatch.io.integrity import ShardDamage, inspect_shards
 from vqbatch.io.lease import LEASE_NAME
-from vqbatch.io.prompts import InputFiles, expand_rows
+from vqbatch.io.prompts import InputFiles, image_keys
 from vqbatch.io.repeats import RepeatedHashes
 from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
@@ -302,16 +302,18 @@ def count_pending(inputs: InputFiles, config: JobConfig, done: HeldBuckets) -> i
     and none read when nothing is done (every row expands to `images_per_prompt` keys)."""
     if not done.count:
         return inputs.num_rows * config.sampling.images_per_prompt
-    return sum(drop_done(expand_rows(pa.Table.from_batches([batch]), config.input, config.sampling), done).num_rows
+    return sum(len(pending_image_rows(pa.Table.from_batches([batch]), config.input, config.sampling, done))
                for path in inputs.paths for batch in inputs.batches(path, inputs.columns(config.input)))
 
 
-def drop_done(rows: pa.Table, done: HeldBuckets, fetch: Callable = lambda bucket: bucket) -> pa.Table:
-    """The rows of `rows` whose (id, image_index) key is not in `done`, in order; `fetch` turns a bucket's handle
-    into its keys (`held.held_rows`)."""
-    if not done.count or rows.num_rows == 0:
-        return rows
-    return rows.filter(pa.array(~held_rows(key_column(rows), done, fetch)))
+def pending_image_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig, done: HeldBuckets,
+                       fetch: Callable = lambda bucket: bucket) -> np.ndarray:  # (M,) int64
+    """Where in `expand_rows(table, ...)` the image rows whose (id, image_index) key `done` lacks are, in order:
+    found from the keys alone (`image_keys`), so a run never expands a row it skips. `fetch` turns a bucket's
+    handle into its keys (`held.held_rows`)."""
+    if not done.count:
+        return np.arange(table.num_rows * sampling.images_per_prompt)
+    return np.flatnonzero(~held_rows(key_column(image_keys(table, config, sampling)), done, fetch))
 
 
 # ---------------------------------------------------------------------------------------------------------------

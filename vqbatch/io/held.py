@@ -54,20 +54,25 @@ def bucket_of(hashes: np.ndarray, bits: int) -> np.ndarray:  # (N,) int64
 
 
 def held_rows(keys: pa.Array, held: HeldBuckets, fetch: Callable = lambda bucket: bucket) -> np.ndarray:  # (N,) bool
-    """Which of `keys` the held keys hold; `fetch` turns a bucket's handle into its table, one bucket at a time."""
+    """Which of `keys` the held keys hold; `fetch` turns a bucket's handle into its table, one bucket at a time.
+    The keys are looked up in hash order, each bucket's as one ascending run: a binary search for ascending
+    needles reuses the last one's place and is several times faster than one for needles in random order."""
     found = np.zeros(len(keys), bool)
     if not len(keys) or not held.count:
         return found
     hashes = key_hashes(keys)
-    buckets = bucket_of(hashes, held.bits)
-    for bucket in np.unique(buckets):
-        rows = np.flatnonzero(buckets == bucket)
-        found[rows] = in_bucket(keys.take(pa.array(rows)), hashes[rows], fetch(held.buckets[bucket]))
+    order = np.argsort(hashes, kind="stable")  # grouped by bucket (a hash's top bits), ascending within each
+    hashes = hashes[order]
+    bounds = np.searchsorted(bucket_of(hashes, held.bits), np.arange(2**held.bits + 1))
+    for bucket, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if start < end:
+            rows = order[start:end]
+            found[rows] = in_bucket(keys.take(pa.array(rows)), hashes[start:end], fetch(held.buckets[bucket]))
     return found
 
 
 def in_bucket(keys: pa.Array, hashes: np.ndarray, bucket: pa.Table) -> np.ndarray:  # (n,) bool
-    """Binary search of each hash in the bucket's sorted hashes; each hit confirmed by the whole key."""
+    """Binary search of each hash (ascending) in the bucket's sorted hashes; each hit confirmed by the whole key."""
     bucket_hashes, bucket_keys = bucket.column("hash").to_numpy(), bucket.column("key").cast(pa.binary())
     first, last = np.searchsorted(bucket_hashes, hashes, "left"), np.searchsorted(bucket_hashes, hashes, "right")
     found = np.zeros(len(keys), bool)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from vqbatch.config import InputConfig, S3Config, SamplingConfig
 from vqbatch.io.filesystems import OutputRoot, exists, inside_root, list_files
 from vqbatch.io.formats import shard_format
-from vqbatch.io.prompts import expand_rows, open_input
+from vqbatch.io.prompts import image_keys, open_input
 from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes
 
 COUNTS = ("rows", "ok", "errors")
@@ -167,7 +167,7 @@ def lost_input_keys(manifest: dict, found: pa.Array, s3: S3Config) -> list[tuple
     lost = []
     for path in inputs.paths:
         for batch in inputs.batches(path, inputs.columns(settings)):
-            rows = expand_rows(pa.Table.from_batches([batch]), settings, sampling).select(KEY_COLUMNS)
+            rows = image_keys(pa.Table.from_batches([batch]), settings, sampling)
             missing = rows.filter(pc.invert(pc.is_in(key_column(rows), value_set=found)))
             lost += zip(missing.column("id").to_pylist(), missing.column("image_index").to_pylist())
     return lost

@@ -343,23 +343,38 @@ def seed_column_present(schemas: dict[str, pa.Schema], config: InputConfig, file
     return bool(holders)
 
 
-def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig) -> pa.Table:
-    """One image row per (input row, image index), with its seed and its status; see `vqbatch.seeds`."""
+def image_keys(table: pa.Table, config: InputConfig, sampling: SamplingConfig) -> pa.Table:
+    """The (id, image_index) key of each image row `expand_rows` makes of `table`, in the same order, without its
+    per-row work: what a run checks against the keys it skips before it expands a row."""
+    ids = table.column(config.id_column).cast(pa.string())  # integers as their decimal text, as `image_row` writes
+    positions, indices = image_positions(table.num_rows, sampling.images_per_prompt)
+    return pa.table({"id": ids.take(pa.array(positions)), "image_index": pa.array(indices, pa.int32())})
+
+
+def image_positions(rows: int, images_per_prompt: int,
+                    selected: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # (M,), (M,)
+    """The input row and image index of each image row: all `rows * images_per_prompt` of them, row by row, or
+    those at `selected` (positions in that order)."""
+    flat = np.arange(rows * images_per_prompt) if selected is None else selected
+    return np.divmod(flat, images_per_prompt)
+
+
+def expand_rows(table: pa.Table, config: InputConfig, sampling: SamplingConfig,
+                selected: np.ndarray | None = None) -> pa.Table:
+    """One image row per (input row, image index), with its seed and its status (see `vqbatch.seeds`); with
+    `selected`, only the image rows at those positions of the whole expansion (`image_keys` gives its keys)."""
     assert table.column(config.id_column).null_count == 0, "open_input rejects null ids"
-    ids = table.column(config.id_column).to_pylist()  # valid UTF-8: open_input rejects other ids
-    prompts, prompt_problems = decoded_column(table.column(config.prompt_column), "prompt")
-    seeds = table.column(config.seed_column).to_pylist() if config.seed_column in table.column_names else None
+    positions, indices = image_positions(table.num_rows, sampling.images_per_prompt, selected)
+    taken = table.take(pa.array(positions))  # each input row once per image row it makes
+    ids = taken.column(config.id_column).to_pylist()  # valid UTF-8: open_input rejects other ids
+    prompts, prompt_problems = decoded_column(taken.column(config.prompt_column), "prompt")
+    seeds = taken.column(config.seed_column).to_pylist() if config.seed_column in taken.column_names else None
     rows = [image_row(row_id, prompt, index, seeds[position] if seeds else None, sampling.base_seed,
                       prompt_problems[position])
-            for position, (row_id, prompt) in enumerate(zip(ids, prompts))
-            for index in range(sampling.images_per_prompt)]
+            for position, (row_id, prompt, index) in enumerate(zip(ids, prompts, indices.tolist()))]
     image_rows = pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
-    if not config.keep_columns:
-        return image_rows
-    repeated = np.repeat(np.arange(table.num_rows), sampling.images_per_prompt)  # each input row once per image
-    kept = table.select(list(config.keep_columns)).take(pa.array(repeated))
     for name in config.keep_columns:
-        image_rows = image_rows.append_column(kept.schema.field(name), kept.column(name))
+        image_rows = image_rows.append_column(taken.schema.field(name), taken.column(name))
     return image_rows
 
 
