@@ -19,6 +19,7 @@ from vqbatch.io.examples import EXAMPLE_PROMPTS, example_prompts
 from vqbatch.io.filesystems import list_files, read_bytes, resolve, write_bytes_atomically
 from vqbatch.io.images import decode_image, encode_image, png_bytes
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA, expand_rows, image_keys, open_input
+from vqbatch.io.view import read_dataset
 from vqbatch.seeds import image_seed
 
 NO_S3 = S3Config()
@@ -235,6 +236,24 @@ def test_a_shard_and_its_manifest_make_a_readable_dataset(tmp_path):
     names = sorted(os.listdir(tmp_path / "out"))
     assert names == sorted(["images", shard["file"], MANIFEST_NAME, SUCCESS_NAME, CARD_NAME])  # no temporary files
     assert not [name for _, _, files in os.walk(tmp_path / "out") for name in files if name.endswith(".tmp")]
+
+
+def test_the_published_view_keeps_each_keys_last_row_when_listed_files_repeat_keys(tmp_path):
+    config = job_config(str(tmp_path / "out"))
+    output = prepare_output(config.output, config.s3)
+    sampled, _ = sampled_rows(config)
+    again = sampled.filter(pa.array([row_id != "b" for row_id in sampled.column("id").to_pylist()]))
+    again = again.set_column(again.schema.get_field_index("tokens"), "tokens",  # the newer rows' own tokens
+                             pa.array([[7, 7]] * again.num_rows, again.schema.field("tokens").type))
+    publish(output, [write_shard(sampled, config, "versions/v0001"), write_shard(again, config, "versions/v0002")],
+            ["x"], config)
+    rows = read_dataset(str(tmp_path / "out")).to_pylist()
+    assert sorted((row["id"], row["image_index"]) for row in rows) == [(i, k) for i in "abc" for k in (0, 1)]
+    newest = {(row["id"], row["image_index"]): row["tokens"] for row in again.to_pylist()}
+    for row in rows:
+        assert row["tokens"] == newest.get((row["id"], row["image_index"]), row["tokens"])
+        version = "versions/v0001/" if row["id"] == "b" else "versions/v0002/"
+        assert row["image"] is None or row["image"].startswith(version)
 
 
 def test_an_existing_dataset_is_refused_or_replaced_and_other_files_refuse_both(tmp_path):

@@ -41,7 +41,7 @@ def latest_per_key(rows: pa.Table) -> pa.Table:
         return rows
     positions = pa.table({"key": keys, "position": pa.array(range(rows.num_rows), pa.int64())})
     last = positions.group_by("key", use_threads=False).aggregate([("position", "max")]).column("position_max")
-    return rows.take(pc.sort_indices(last))
+    return rows.take(last.take(pc.sort_indices(last)))  # the last rows, in file order
 
 
 def with_image_bytes(location: OutputRoot, rows: pa.Table, output_format: str) -> pa.Table:
