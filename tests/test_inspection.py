@@ -2,14 +2,16 @@
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
 from conftest import SMALL_DATASET_OK
 from vqbatch.cli import main
-from vqbatch.config import S3Config
-from vqbatch.inspection import error_kinds
-from vqbatch.io.dataset import OutputRoot, read_metadata
+from vqbatch.config import S3Config, load_job_config
+from vqbatch.inspection import error_kinds, inspect_dataset, readable
+from vqbatch.io.dataset import OutputRoot, prepare_output, publish, read_metadata
+from vqbatch.io.formats import sampled_table, write_shard
 from vqbatch.io.filesystems import read_bytes, resolve, s3_filesystem
 from vqbatch.io.images import decode_image
 from vqbatch.keys import readable_stem
@@ -47,6 +49,30 @@ def test_inspect_summarises_the_dataset_and_shows_one_row_with_its_rerun_command
     assert f"  seed              {row['seed']}\n" in printed and f"  prompt            {row['prompt']}\n" in printed
     assert printed.rstrip().endswith(f"rerun it: vqbatch rerun --output {uri} --ids p3")
     assert "on disk   " in printed and " KiB (images " in printed
+
+
+@pytest.mark.parametrize("output_format, storage, metadata", [
+    ("files", "image files (png) with Parquet metadata", "metadata"),
+    ("webdataset", "webdataset tar shards (png) with Parquet metadata", "metadata"),
+    ("parquet", "Parquet shards holding the images (png)", "metadata with the images")])
+def test_inspect_names_each_format_and_the_bytes_of_its_images_and_metadata(output_format, storage, metadata,
+                                                                            tmp_path):
+    config = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": str(tmp_path),
+                                    "output.format": output_format})
+    rows = pa.table({"id": ["a", "b"], "prompt": ["red", "blue"], "image_index": pa.array([0, 0], pa.int32()),
+                     "seed": [1, 2], "status": ["ok", "ok"], "error": pa.array([None, None], pa.string())})
+    pixels = [np.random.default_rng(seed).integers(0, 256, (32, 32, 3), np.uint8) for seed in (1, 2)]
+    location = prepare_output(config.output, config.s3)
+    publish(location, [write_shard(sampled_table(rows, [[1], [2]], pixels), config)], ["x"], config)
+
+    printed = inspect_dataset(str(tmp_path), row_id="a")
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    images = sum(path.stat().st_size for path in files if path.suffix in (".png", ".tar"))
+    parquet = sum(path.stat().st_size for path in files if path.name.startswith("part-") and path.suffix == ".parquet")
+    assert f"formats   {storage}\n" in printed
+    assert f"(images {readable(images)}, {metadata} {readable(parquet)}, other " in printed
+    assert images > 0 or output_format == "parquet"
+    assert "b'\\x89PNG" not in printed  # the parquet format's image bytes are counted, not printed
 
 
 def test_inspect_of_an_unknown_id_names_it(dataset_uris, capsys):

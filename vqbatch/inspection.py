@@ -23,6 +23,7 @@ from PIL import Image
 
 from vqbatch.choices import IMAGE_FORMATS, check_choice
 from vqbatch.config import ModelConfig, S3Config
+from vqbatch.io.formats import is_metadata_name, is_shard_name
 from vqbatch.io.images import EXTENSIONS, encode_image
 from vqbatch.keys import readable_stem
 from vqbatch.lineage import recorded_batch_shape
@@ -43,7 +44,7 @@ def inspect_dataset(output_uri: str, row_id: str | None = None, s3: S3Config | N
     metadata, manifest = dataset.metadata, dataset.manifest
     statuses = Counter(metadata.column("status").to_pylist())
     lines = [f"dataset   {output_uri} ({manifest.get('format')}, published {manifest['created']})",
-             f"formats   {formats_text(metadata)}",
+             f"formats   {formats_text(metadata, dataset.output_format)}",
              f"rows      {metadata.num_rows} ({statuses.get('ok', 0)} ok, {statuses.get('error', 0)} errors) in "
              f"{len(manifest['metadata_files'])} metadata files",
              f"on disk   {size_text(dataset)}", "versions"]
@@ -60,23 +61,35 @@ def inspect_dataset(output_uri: str, row_id: str | None = None, s3: S3Config | N
     return "\n".join(lines + row_lines(output_uri, chosen_row(metadata, row_id))) + "\n"
 
 
-def formats_text(metadata: pa.Table) -> str:
+STORAGE = {"files": "image files ({}) with Parquet metadata",
+           "webdataset": "webdataset tar shards ({}) with Parquet metadata",
+           "parquet": "Parquet shards holding the images ({})"}  # by `output.format`
+
+
+def formats_text(metadata: pa.Table, output_format: str) -> str:
     images = sorted(set(metadata.column("image_format").to_pylist()))
-    return f"image files ({', '.join(images)}) with Parquet metadata"
+    return STORAGE[output_format].format(", ".join(images))
 
 
 def size_text(dataset: StoredDataset) -> str:
-    """Bytes under the output root, split into images, metadata and everything else."""
+    """Bytes under the output root, split into images (image files, tars), metadata files and everything else; the
+    parquet format's metadata files hold its images."""
     location = dataset.location
     sizes: Counter = Counter()
     for info in location.filesystem.get_file_info(pafs.FileSelector(location.root, recursive=True)):
         if info.type == pafs.FileType.File:
-            relative = posixpath.relpath(info.path, location.root)
-            part = next((name for name in ("images", "metadata") if f"/{name}/" in f"/{relative}"), "other")
-            sizes[part] += info.size
-    total = sum(sizes.values())
-    return f"{readable(total)} (images {readable(sizes['images'])}, metadata {readable(sizes['metadata'])}, " \
-           f"other {readable(sizes['other'])})"
+            sizes[file_kind(posixpath.relpath(info.path, location.root))] += info.size
+    metadata = "metadata with the images" if dataset.output_format == "parquet" else "metadata"
+    return f"{readable(sum(sizes.values()))} (images {readable(sizes['images'])}, {metadata} " \
+           f"{readable(sizes['metadata'])}, other {readable(sizes['other'])})"
+
+
+def file_kind(relative: str) -> str:
+    """images (an image file or a webdataset tar), metadata (a shard's metadata file) or other."""
+    name = posixpath.basename(relative)
+    if "/images/" in f"/{relative}" or (is_shard_name(name) and not is_metadata_name(name)):
+        return "images"
+    return "metadata" if is_metadata_name(name) else "other"
 
 
 def readable(size: int) -> str:
@@ -107,6 +120,8 @@ def row_lines(output_uri: str, row: dict) -> list[str]:
     for name, value in row.items():
         if name == "tokens" and value is not None:
             value = f"{len(value)} tokens: {value[:TOKENS_SHOWN]}{' ...' if len(value) > TOKENS_SHOWN else ''}"
+        if name == "image" and isinstance(value, dict):  # the parquet format's image bytes
+            value = f"{value['path']} ({len(value['bytes'])} bytes in the metadata file)"
         lines.append(f"  {name:<17} {value}")
     lines.append(f"rerun it: vqbatch rerun --output {shlex.quote(output_uri)} --ids {shlex.quote(row['id'])}")
     return lines
