@@ -21,6 +21,8 @@ from ray.util.annotations import RayDeprecationWarning
 from vqbatch import read_dataset
 from vqbatch.config import load_job_config
 from vqbatch.engine import refresh, run_job
+from vqbatch.io.dataset import prepare_output, publish
+from vqbatch.io.formats import sampled_table, write_shard
 from vqbatch.io.images import decode_image
 from vqbatch.proof import rerun, verify
 from vqbatch.tiny import write_tiny_checkpoint
@@ -165,8 +167,8 @@ def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format,
     assert rows.num_rows == PROMPTS * IMAGES_PER_PROMPT and set(rows.column("steps").to_pylist()) == {3}
     globbed = sorted(output.glob("versions/*/part-*.parquet"))  # what the user globbed: both versions
     assert pq.read_table(globbed).num_rows == 2 * rows.num_rows
-    metadata = [name for name in data_files(output) if name.endswith(".parquet")] or \
-        [name.removesuffix(".tar") + ".parquet" for name in data_files(output)]
+    metadata = [str(output / shard["file"]) for shard in json.loads((output / "manifest.json").read_text())[
+        "metadata_files"]]
     query = f"select count(*), count(distinct (id, image_index)) from read_parquet({metadata})"
     counted = duckdb.sql(query).fetchall()[0]
     assert counted == (rows.num_rows, rows.num_rows)  # the DuckDB recipe reads the manifest's files
@@ -194,6 +196,22 @@ def test_tar_shards_hold_whole_samples_under_webdataset_safe_keys(prompts, tmp_p
         assert sorted(names) == sorted(f"{key}.{part}" for key in keys for part in ("json", "png", "tokens.npy"))
         tokens = np.load(io.BytesIO(tarfile.open(tar).extractfile(f"{sorted(keys)[0]}.tokens.npy").read()))
         assert tokens.dtype == np.int32
+
+
+def test_a_webdataset_shard_of_error_rows_only_is_no_data_file_and_hf_datasets_loads_the_tars(tmp_path):
+    output = tmp_path / "out"
+    config = job("x.parquet", output, "webdataset")
+    rows = pa.table({"id": ["ok", "bad"], "prompt": ["red", " "], "image_index": pa.array([0, 0], pa.int32()),
+                     "seed": [1, 2], "status": ["ok", "error"], "error": [None, "prompt is empty"]})
+    sampled = sampled_table(rows, [[3, 4], None], [np.zeros((4, 4, 3), np.uint8), None])
+    location = prepare_output(config.output, config.s3)
+    shards = [write_shard(sampled.slice(position, 1), config, "versions/v0001") for position in (0, 1)]
+    manifest = publish(location, shards, ["x"], config)
+    assert manifest["data_files"] == [shards[0]["file"].removesuffix(".parquet") + ".tar"]  # the empty tar is not
+    loaded = hf_datasets.load_dataset("webdataset", data_files=data_files(output), split="train",
+                                      cache_dir=str(tmp_path / "hf-cache"))
+    assert [(row["json"]["id"], row["tokens.npy"]) for row in loaded] == [("ok", [3, 4])]
+    assert read_dataset(str(output)).num_rows == 2  # the error row is in the view's metadata
 
 
 def test_kept_columns_are_checked_before_ray_starts(tmp_path):

@@ -537,9 +537,12 @@ def published_schema(location: OutputRoot, shards: list[dict], output_format: st
 
 
 def data_files(shards: list[dict], output_format: str) -> list[str]:
-    """The files a reader of `output_format` opens, under the output root: the published view, oldest first."""
-    return [path for shard in sorted(shards, key=lambda shard: shard["file"])
-            for path in shard_format(output_format).data_files(shard["file"])]
+    """The files a reader of `output_format` opens, under the output root: the published view, oldest first. A
+    shard without an ok row has no sample in a format that holds only samples (its tar is empty): it is left out,
+    as HF `datasets` infers a webdataset's columns from the first tar and fails on an empty one."""
+    reader = shard_format(output_format)
+    return [path for shard in sorted(shards, key=lambda shard: shard["file"]) if shard["ok"] or not reader.samples_only
+            for path in reader.data_files(shard["file"])]
 
 
 def read_manifest(location: OutputRoot) -> dict:

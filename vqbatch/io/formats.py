@@ -11,7 +11,8 @@ where the image bytes live:
     webdataset   part-<digest>.tar beside its metadata file, written first: per ok row `<key>.<png|jpg|webp>`,
                  `<key>.json` (the row's metadata) and `<key>.tokens.npy` (int32 tokens), the WebDataset naming
                  that `webdataset.WebDataset(urls)` reads; `image` is `<tar path>/<member>`. Error rows are only in
-                 the metadata file (as img2dataset does): a training loop sees whole samples.
+                 the metadata file (as img2dataset does): a training loop sees whole samples, and the tar of a shard
+                 without an ok row, empty, is left out of the manifest's `data_files`.
     parquet      the metadata file is the data: `image` is a struct {bytes, path} that HF `datasets` reads as an
                  `Image` feature (the schema carries the feature), null on error rows
 
@@ -93,6 +94,7 @@ class ShardRows:
 class FilesFormat:
     name = "files"
     image_type = pa.string()
+    samples_only = False  # a reader opens the metadata files, error rows included
 
     def write_images(self, filesystem, root: str, shard: ShardRows) -> dict[str, pa.Array]:
         """Write each ok row's image file; return the `image` and `file_name` columns."""
@@ -138,6 +140,7 @@ class FilesFormat:
 class WebDatasetFormat:
     name = "webdataset"
     image_type = pa.string()
+    samples_only = True  # a reader opens the tars, which hold the ok rows only
 
     def write_images(self, filesystem, root: str, shard: ShardRows) -> dict[str, pa.Array]:
         """Write the shard's tar (its metadata file comes after it); return the `image` column."""
@@ -284,6 +287,7 @@ def tar_members(data: bytes) -> list[tuple[str, bytes]]:
 class ParquetFormat:
     name = "parquet"
     image_type = IMAGE_STRUCT
+    samples_only = False  # a reader opens the metadata files, error rows included
 
     def write_images(self, filesystem, root: str, shard: ShardRows) -> dict[str, pa.Array]:
         """Nothing to write before the metadata file: return the `image` column holding each ok row's bytes."""
