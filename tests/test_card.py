@@ -4,12 +4,17 @@ import copy
 import json
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
 from conftest import SMALL_DATASET_OK
+from vqbatch.config import load_job_config
 from vqbatch.io.card import CARD_NAME, card_text
-from vqbatch.io.formats import METADATA_SCHEMA, metadata_schema
+from vqbatch.io.dataset import prepare_output, publish
+from vqbatch.io.formats import METADATA_SCHEMA, metadata_schema, sampled_table, write_shard
 
 
 def test_each_publish_writes_a_card_that_datasets_loads(small_dataset):
@@ -39,3 +44,29 @@ def test_the_card_lists_every_version_and_only_the_published_files(small_dataset
     assert header["configs"][0]["data_files"][0]["path"] == [manifest["metadata_files"][0]["file"]]
     assert "| 2 |" in text and "`0123456789abcdef` | 3 |" in text
     assert [feature["name"] for feature in header["dataset_info"]["features"]] == METADATA_SCHEMA.names
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
+def test_the_cards_first_recipe_loads_the_dataset_in_its_format(output_format, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    config = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": str(output),
+                                    "output.format": output_format})
+    rows = pa.table({"id": ["ok", "bad"], "prompt": ["red", " "], "image_index": pa.array([0, 0], pa.int32()),
+                     "seed": [1, 2], "status": ["ok", "error"], "error": [None, "prompt is empty"]})
+    sampled = sampled_table(rows, [[3, 4], None], [np.full((4, 4, 3), 9, np.uint8), None])
+    publish(prepare_output(config.output, config.s3), [write_shard(sampled, config)], ["x"], config)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+    text = DatasetCard.load(output / CARD_NAME).text
+    assert ("versions/vNNNN/images/" in text) == (output_format == "files")  # where the images are
+    recipe = text.split("## Load it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    names = {}
+    exec(recipe.replace("<this folder>", str(output)), names)
+    if output_format == "webdataset":
+        [sample] = list(names["samples"])
+        assert sample["json"]["id"] == "ok" and sample["tokens.npy"].tolist() == [3, 4]
+        assert np.asarray(sample["png"]).tolist() == np.full((4, 4, 3), 9).tolist()
+    else:
+        image = names["rows"].features["image"]
+        assert image == (datasets.Image() if output_format == "parquet" else datasets.Value("string"))
+        assert sorted(names["rows"]["id"]) == ["bad", "ok"]

@@ -6,7 +6,7 @@
     dataset_info: features            one per metadata column, typed as the Parquet files are
     ---
     prose                             the model, the parameters, the counts per version, the seed contract, how
-                                      to load the dataset
+                                      to load the dataset in its format
 """
 
 from __future__ import annotations
@@ -21,6 +21,26 @@ CARD_NAME = "README.md"
 CARD_MARKER = "written by vqbatch"  # in every card's text: a README.md without it is not a card vqbatch wrote
 ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
                pa.bool_(): "bool"}
+
+
+# Where each `output.format` keeps the images, and how to load them (the card's first recipe)
+STORED = {"files": "one file per image under `versions/vNNNN/images/`",
+          "webdataset": "in WebDataset tar shards (`manifest.json`'s `data_files`: `<key>.<image format>`, "
+                        "`<key>.json` with the row's metadata, `<key>.tokens.npy`)",
+          "parquet": "inside the metadata Parquet files (`image`: a struct {bytes, path}, an HF `Image`)"}
+HF_LOAD = """from datasets import load_dataset
+
+rows = load_dataset("<this folder>", split="train")   # one row per image: id, prompt, seed, tokens, image, ...
+# `image` is {} (null on error rows)"""
+LOAD = {
+    "files": HF_LOAD.format("a path relative to this folder"),
+    "webdataset": """import json, webdataset
+
+manifest = json.load(open("<this folder>/manifest.json"))    # `data_files`: the tars, which hold the ok rows
+samples = webdataset.WebDataset(["<this folder>/" + name for name in manifest["data_files"]], shardshuffle=False)
+samples = samples.decode("pil")   # a dict per ok row: the image (under png, jpg or webp), json, tokens.npy""",
+    "parquet": HF_LOAD.format("an HF `Image`"),
+}
 
 
 def is_dataset_card(text: bytes) -> bool:
@@ -58,6 +78,7 @@ def card_header(manifest: dict, schema: pa.Schema) -> dict:
 def card_text(manifest: dict, schema: pa.Schema) -> str:
     header = yaml.safe_dump(card_header(manifest, schema), sort_keys=False, allow_unicode=True)
     model, sampling, output = manifest["model"], manifest["sampling"], manifest["output"]
+    output_format = output.get("format", "files")
     versions = "\n".join(
         f"| {entry['version']} | {entry['created']} | `{entry['fingerprint']}` | {entry['rows_added']} | "
         f"{entry['rows_ok']} | {entry['rows_failed']} |" for entry in manifest["versions"])
@@ -75,7 +96,7 @@ Text-to-image samples of **VQ-Diffusion** {CARD_MARKER}: {manifest['rows']} rows
 
 - Model: `{model['uri']}` ({model['dtype']})
 - Sampling: {parameters}
-- Images: {output['image_format']} (quality {output['image_quality']} for jpeg/webp), under `versions/vNNNN/images/`
+- Images: {output['image_format']} (quality {output['image_quality']} for jpeg/webp), {STORED[output_format]}
 
 ## Versions
 
@@ -96,10 +117,7 @@ its `tokens` again; `vqbatch rerun --output <this folder> --ids <id>` and `vqbat
 ## Load it
 
 ```python
-from datasets import load_dataset
-
-rows = load_dataset("<this folder>", split="train")   # one row per image: id, prompt, seed, tokens, image, ...
-# `image` is a path relative to this folder (null on error rows)
+{LOAD[output_format]}
 ```
 
 ```python
