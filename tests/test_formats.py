@@ -185,6 +185,20 @@ def test_a_refresh_under_a_changed_fingerprint_is_one_row_per_key(output_format,
     assert len(loaded) == (PROMPTS - 1) * IMAGES_PER_PROMPT if output_format == "webdataset" else rows.num_rows
 
 
+def test_a_refresh_carrying_other_input_columns_is_a_changed_fingerprint_so_every_row_has_them(prompts, tmp_path):
+    output = tmp_path / "out"
+    run_job(job(prompts, output, "parquet", **{"input.keep_columns": ["licence"]}))
+    more = job(prompts, output, "parquet")  # licence and split
+    with pytest.raises(ValueError, match=r"changed.*encoding.keep_columns: \['licence'\] -> \['licence', 'split'\]"):
+        refresh(more)
+    assert refresh(more, allow_new_fingerprint=True).version == 2
+    rows = read_dataset(str(output))
+    assert rows.num_rows == PROMPTS * IMAGES_PER_PROMPT and None not in rows.column("split").to_pylist()
+    loaded = hf_datasets.load_dataset("parquet", data_files=data_files(output), split="train",
+                                      cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.num_rows == rows.num_rows and "split" in loaded.column_names
+
+
 def test_tar_shards_hold_whole_samples_under_webdataset_safe_keys(prompts, tmp_path):
     output = tmp_path / "out"
     run_job(job(prompts, output, "webdataset"))

@@ -2,9 +2,10 @@
 rows a dataset holds are the rows it would sample.
 
 The fingerprint holds the model's identity, the dtype, the sampling parameters, the batch shape every model call
-is padded to (`compute.batch_size` and the decode batch it implies, `vqbatch.sampler`), the image encoding, and the
-sampler's code version (`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more
-images per prompt are more keys. Torch-free and Ray-free.
+is padded to (`compute.batch_size` and the decode batch it implies, `vqbatch.sampler`), the encoding (image and
+output formats, and the input columns every row carries, `input.keep_columns`), and the sampler's code version
+(`vqbatch.__version__` and `SAMPLER_VERSION`). `images_per_prompt` is not part of it: more images per prompt are
+more keys. Torch-free and Ray-free.
 
 The model's identity is its content: the SHA-256 of every file of a local checkpoint (weights, tokenizer and
 configs), read in chunks and kept in a per-machine cache keyed by the file's path, size, times and inode, so a
@@ -48,6 +49,8 @@ def generation_fingerprint(config: JobConfig) -> Fingerprint:
     sampling.pop("images_per_prompt")
     encoding = {"image_format": config.output.image_format, "image_quality": config.output.image_quality,
                 "format": config.output.format}
+    if config.input.keep_columns:  # every published row carries the same input columns (none: no key, as before)
+        encoding["keep_columns"] = list(config.input.keep_columns)
     return Fingerprint({"model": {**model_identity(config.model, config.s3), "dtype": config.model.dtype},
                         "sampling": sampling, "shape": batch_shape_part(config.compute.batch_size),
                         "encoding": encoding,
