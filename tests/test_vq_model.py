@@ -334,12 +334,13 @@ def test_unknown_config_key_is_rejected():
 def test_seeded_construction_gives_diffusers_weights(variant):
     config = {**TINY, **variant}
     torch.manual_seed(11)
-    reference = diffusers.VQModel(**config).state_dict()
+    reference = diffusers.VQModel(**config)
     torch.manual_seed(11)
-    ours = VQModel(**config).state_dict()
-    assert sorted(ours) == sorted(reference)
-    for name, tensor in reference.items():
-        assert torch.equal(ours[name], tensor), name
+    ours = VQModel(**config)
+    # the same names in the same order, so `parameters()` of the two models pair up as well
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    for (name, tensor), expected in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.equal(tensor, expected), name
 
 
 def test_output_types_index_like_diffusers():

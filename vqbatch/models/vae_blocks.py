@@ -139,7 +139,8 @@ class ResolutionBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, act_fn: str,
                  with_attention: bool, resample: Literal["down", "up"] | None, zq_channels: int | None = None):
         super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(), nn.ModuleList()
+        self.attentions = nn.ModuleList()  # registered before the resnets, as diffusers does: `parameters()` pair up
+        self.resnets = nn.ModuleList()
         for i in range(num_layers):  # each resnet, then its attention: diffusers' order, so seeded weights agree
             self.resnets.append(
                 ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn, zq_channels))
@@ -166,8 +167,8 @@ class MidBlock(nn.Module):
         super().__init__()
         first = ResnetBlock(channels, channels, groups, act_fn, zq_channels)  # created in diffusers' order: resnet,
         attention = [AttentionBlock(channels, groups, zq_channels)] if add_attention else []  # attention, resnet
+        self.attentions = nn.ModuleList(attention)  # registered in diffusers' order too: `parameters()` pair up
         self.resnets = nn.ModuleList([first, ResnetBlock(channels, channels, groups, act_fn, zq_channels)])
-        self.attentions = nn.ModuleList(attention)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         x = self.resnets[0](x, zq)

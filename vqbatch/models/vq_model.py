@@ -191,13 +191,14 @@ class Decoder(nn.Module):
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
         zq_channels = config.latent_channels if config.norm_type == "spatial" else None
         self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
-        self.mid_block = MidBlock(channels[0], groups=groups, act_fn=config.act_fn,
-                                  add_attention=config.mid_block_add_attention, zq_channels=zq_channels)
+        mid_block = MidBlock(channels[0], groups=groups, act_fn=config.act_fn,
+                             add_attention=config.mid_block_add_attention, zq_channels=zq_channels)
         self.up_blocks = nn.ModuleList(
             ResolutionBlock(channels[max(i - 1, 0)], channels[i], num_layers=config.layers_per_block + 1,
                             groups=groups, act_fn=config.act_fn, with_attention=block_type == "AttnUpDecoderBlock2D",
                             resample="up" if i < len(channels) - 1 else None, zq_channels=zq_channels)
             for i, block_type in enumerate(config.up_block_types))
+        self.mid_block = mid_block  # created before the levels, registered after them: diffusers' two orders
         self.conv_norm_out = norm_layer(channels[-1], groups, zq_channels)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
