@@ -8,10 +8,11 @@ import boto3
 import psutil
 import pytest
 import ray
+import torch
 from vq_reference import hub_cache
 
 from vqbatch.cli import main
-from vqbatch.config import S3Config, load_job_config
+from vqbatch.config import ModelConfig, S3Config, SamplingConfig, load_job_config
 from vqbatch.engine import run_job
 from vqbatch.io.examples import EXAMPLE_PROMPTS
 from vqbatch.models.weight_files import check_safetensors_complete
@@ -137,6 +138,20 @@ def test_truncated_weight_file(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="its header claims 1000000 bytes, the file has 10"):
         run_job(job(checkpoint, tmp_path, steps=2))
     assert_no_ray()
+
+
+def test_text_encoder_weights_in_a_torch_pickle_pass(checkpoint):
+    """transformers names its pickled weights pytorch_model.bin (older checkpoints, and hub ones, have them)."""
+    from safetensors.torch import load_file
+
+    safetensors_file = checkpoint / "text_encoder" / "model.safetensors"
+    torch.save(load_file(safetensors_file), checkpoint / "text_encoder" / "pytorch_model.bin")
+    safetensors_file.unlink()
+    check_checkpoint(ModelConfig(uri=str(checkpoint)), SamplingConfig(steps=2), S3Config())
+    (checkpoint / "text_encoder" / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="expected one of model.safetensors, model.safetensors.index.json, "
+                                                "pytorch_model.bin, pytorch_model.bin.index.json"):
+        check_checkpoint(ModelConfig(uri=str(checkpoint)), SamplingConfig(steps=2), S3Config())
 
 
 def test_missing_component_and_missing_shard(checkpoint, tmp_path):

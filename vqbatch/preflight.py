@@ -25,14 +25,16 @@ from vqbatch.config import NOOP_MODEL, JobConfig, ModelConfig, S3Config, Samplin
 from vqbatch.hub import download_hub_snapshot, looks_like_hub_id
 from vqbatch.io.filesystems import S3_SCHEME, exists, is_s3, list_files, read_bytes, resolve
 from vqbatch.io.prompts import GLOB_CHARACTERS, glob_root
-from vqbatch.models.weight_files import WEIGHTS_NAME, check_safetensors_complete, find_weight_files
+from vqbatch.models.weight_files import (DIFFUSERS_STEMS, TRANSFORMERS_STEMS, check_safetensors_complete,
+                                         find_weight_files)
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 100  # VQDiffusionScheduler's default, for a scheduler config without the key
-# component folder -> the stem of its weight files (diffusers' models, then transformers' text encoder)
-WEIGHTED_COMPONENTS = {"vqvae": WEIGHTS_NAME, "transformer": WEIGHTS_NAME,
-                       "learned_classifier_free_sampling_embeddings": WEIGHTS_NAME, "text_encoder": "model"}
+# component folder -> the stems of its weight files (diffusers' models, then transformers' text encoder)
+WEIGHTED_COMPONENTS = {"vqvae": DIFFUSERS_STEMS, "transformer": DIFFUSERS_STEMS,
+                       "learned_classifier_free_sampling_embeddings": DIFFUSERS_STEMS,
+                       "text_encoder": TRANSFORMERS_STEMS}
 COMPONENTS = (*WEIGHTED_COMPONENTS, "tokenizer", "scheduler")
 # a CLIP tokenizer loads from its fast-tokenizer file, or from its vocabulary and merges
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -109,8 +111,8 @@ def check_tokenizer(checkpoint: Checkpoint, uri: str) -> None:
 
 def check_weight_files(root: Path) -> None:
     """Every weight file the pipeline will read exists (shards included) and no safetensors file is truncated."""
-    for component, stem in WEIGHTED_COMPONENTS.items():
-        for path in find_weight_files(root / component, name=stem):
+    for component, stems in WEIGHTED_COMPONENTS.items():
+        for path in find_weight_files(root / component, stems=stems):
             if path.suffix == ".safetensors":
                 check_safetensors_complete(path)
 

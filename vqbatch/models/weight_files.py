@@ -7,6 +7,7 @@ A component folder holds its weights the way diffusers writes them: one file, or
     diffusion_pytorch_model[.<variant>]-00001-of-00002.safetensors       the shards it names
     (the same with .bin for torch pickles)
 
+transformers' models (the text encoder) use the stem `model` for safetensors and `pytorch_model` for pickles.
 A variant goes before the last extension (diffusers' rule), which puts it after `.index` in an index name.
 """
 
@@ -16,8 +17,10 @@ import json
 import struct
 from pathlib import Path
 
-WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' models; transformers' models use "model"
+WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' models
 FORMATS = ("safetensors", "bin")
+DIFFUSERS_STEMS = dict.fromkeys(FORMATS, WEIGHTS_NAME)  # weight file stem per format, diffusers' models
+TRANSFORMERS_STEMS = {"safetensors": "model", "bin": "pytorch_model"}  # and transformers' models
 HEADER_LENGTH_BYTES = 8  # a safetensors file starts with its JSON header's length, a little-endian u64
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the header
 
@@ -49,12 +52,13 @@ def allowed_formats(use_safetensors: bool | None) -> tuple[str, ...]:
 
 
 def find_weight_files(folder: Path, variant: str | None = None, use_safetensors: bool | None = None,
-                      name: str = WEIGHTS_NAME) -> list[Path]:
-    """The weight files of a component folder: its single file, or every shard its index names."""
+                      stems: dict[str, str] = DIFFUSERS_STEMS) -> list[Path]:
+    """The weight files of a component folder: its single file, or every shard its index names; `stems` gives the
+    file stem of each format."""
     tried = []
     for weight_format in allowed_formats(use_safetensors):
-        single = folder / single_file_name(weight_format, variant, name)
-        index = folder / index_file_name(weight_format, variant, name)
+        single = folder / single_file_name(weight_format, variant, stems[weight_format])
+        index = folder / index_file_name(weight_format, variant, stems[weight_format])
         if single.is_file():
             return [single]
         if index.is_file():
