@@ -73,6 +73,15 @@ def test_empty_prompt_guidance_matches_reference(empty_prompt_checkpoint):
     assert_same_generation(run_ours(pipe, PROMPTS, seed=6, **options), run_reference(reference, PROMPTS, seed=6, **options))
 
 
+def test_embeddings_without_a_parameter_have_a_device_and_dtype():
+    """Like diffusers' models without tensors: the CPU and the default dtype, not a StopIteration."""
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import \
+        LearnedClassifierFreeSamplingEmbeddings as Reference
+
+    ours, reference = LearnedClassifierFreeSamplingEmbeddings(learnable=False), Reference(learnable=False)
+    assert (ours.device, ours.dtype) == (reference.device, reference.dtype) == (torch.device("cpu"), torch.float32)
+
+
 def test_pil_images_match_reference(pipe, reference):
     options = dict(num_inference_steps=6, num_images_per_prompt=2)
     ours = pipe(PROMPT, generator=torch.Generator().manual_seed(2), **options).images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 import torch
@@ -93,11 +94,18 @@ class PretrainedModel(nn.Module, Configured):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The first parameter's or buffer's dtype; the default dtype for a model without tensors."""
+        tensor = self.first_tensor()
+        return tensor.dtype if tensor is not None else torch.get_default_dtype()
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """The first parameter's or buffer's device; the CPU for a model without tensors."""
+        tensor = self.first_tensor()
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def first_tensor(self) -> torch.Tensor | None:
+        return next(itertools.chain(self.parameters(), self.buffers()), None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
