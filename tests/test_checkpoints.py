@@ -333,6 +333,21 @@ def test_loading_options_as_diffusers_has_them(tiny_checkpoint):
         VQDiffusionPipeline.from_pretrained(tiny_checkpoint, use_safetensors=False)
 
 
+def test_components_given_by_name_replace_the_checkpoints(tiny_checkpoint):
+    from vqbatch import VQDiffusionScheduler, VQDiffusionTransformer
+
+    scheduler = VQDiffusionScheduler(num_vec_classes=CODEBOOK_SIZE + 1, num_train_timesteps=50)
+    pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, scheduler=scheduler)
+    assert pipe.scheduler is scheduler
+    assert pipe("a red circle", num_inference_steps=50, output_type="latent").tokens.shape[0] == 1
+    transformer = VQDiffusionTransformer.from_pretrained(tiny_checkpoint, subfolder="transformer", dtype=torch.float16)
+    pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, transformer=transformer)
+    assert pipe.transformer is transformer and {model.dtype for model in pipe.models()} == {torch.float16}
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['shceduler'\]; components that may be "
+                                        r"passed: vqvae, .*, scheduler"):
+        VQDiffusionPipeline.from_pretrained(tiny_checkpoint, shceduler=scheduler)
+
+
 def test_progress_bar_as_diffusers_has_it(tiny_checkpoint):
     import io
 

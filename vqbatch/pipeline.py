@@ -389,24 +389,31 @@ class VQDiffusionPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, device: str | torch.device | None = None, *,
                         dtype: torch.dtype | None = None, revision: str | None = None,
-                        use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True) -> "VQDiffusionPipeline":
+                        use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True,
+                        **components) -> "VQDiffusionPipeline":
         """Load a diffusers-layout checkpoint (e.g. microsoft/vq-diffusion-ithq): local folder, s3:// URI or hub id
         (at `revision`, a branch, tag or commit).
 
         Every model gets one dtype: `torch_dtype` (or its newer name `dtype`), or else the dtype of the stored
         transformer weights. `variant` picks `*.<variant>.safetensors` weight files; sharded weights (an
-        `*.index.json` and its shards) load like single files.
+        `*.index.json` and its shards) load like single files. A component given by name (`scheduler=...`, as
+        diffusers takes it) is used as it is instead of the checkpoint's.
         """
+        unknown = sorted(set(components) - set(COMPONENT_CLASSES))
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}; components that may be "
+                            f"passed: {', '.join(COMPONENT_CLASSES)}")
         folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
         index = read_json(folder / MODEL_INDEX_NAME)
-        classes = {name: component_class(index, name) for name in COMPONENT_CLASSES}
+        classes = {name: component_class(index, name) for name in COMPONENT_CLASSES if name not in components}
         options = dict(variant=variant, device=device, use_safetensors=use_safetensors,
                        low_cpu_mem_usage=low_cpu_mem_usage)
-        transformer = load_component(classes.pop("transformer"), folder / "transformer",
-                                     resolve_dtype(torch_dtype, dtype), **options)
-        dtype = resolve_dtype(torch_dtype, dtype) or transformer.dtype
-        return cls(transformer=transformer, **{name: load_component(component, folder / name, dtype, **options)
-                                                for name, component in classes.items()})
+        if "transformer" not in components:
+            components["transformer"] = load_component(classes.pop("transformer"), folder / "transformer",
+                                                       resolve_dtype(torch_dtype, dtype), **options)
+        dtype = resolve_dtype(torch_dtype, dtype) or components["transformer"].dtype
+        return cls(**components, **{name: load_component(component, folder / name, dtype, **options)
+                                    for name, component in classes.items()})
 
     def save_pretrained(self, save_directory: str | Path, variant: str | None = None, safe_serialization: bool = True,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
