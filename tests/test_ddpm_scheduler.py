@@ -316,6 +316,15 @@ def test_defaults_match_the_seed_and_diffusers():
     assert reference == SEED_DEFAULTS
 
 
+def test_config_reads_like_diffusers_config_dict():
+    config, reference = DDPMScheduler(500).config, ReferenceScheduler(500).config
+    settings = {k: v for k, v in reference.items() if not k.startswith("_")}
+    assert dict(config.items()) == settings and list(config) == list(settings) and len(config) == len(settings)
+    assert config.values() == list(settings.values())
+    assert config.get("num_train_timesteps") == reference.get("num_train_timesteps") == 500
+    assert config.get("no_such_key", "default") == reference.get("no_such_key", "default") == "default"
+
+
 def test_config_round_trip_and_diffusers_interchange(tmp_path):
     settings = {"num_train_timesteps": 10, "trained_betas": np.linspace(0.01, 0.2, 10), "variance_type": "learned",
                 "prediction_type": "v_prediction", "timestep_spacing": "trailing", "thresholding": True,

@@ -21,7 +21,8 @@ DIFFUSERS_VERSION = "0.42.1"  # the diffusers layout version we write, so diffus
 
 
 class ComponentConfig(BaseModel):
-    """Base of every component's config: frozen, strict about unknown keys, readable like a dict."""
+    """Base of every component's config: frozen, strict about unknown keys, read like diffusers' frozen config dict
+    (`config["key"]`, `config.get`, `keys`, `values`, `items`, `len`; iterating it gives the keys)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), arbitrary_types_allowed=True)
 
@@ -44,6 +45,21 @@ class ComponentConfig(BaseModel):
 
     def keys(self):
         return type(self).model_fields.keys()
+
+    def values(self) -> list[Any]:
+        return [getattr(self, key) for key in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self else default
+
+    def __iter__(self):  # the keys, as a dict's (pydantic's own yields (key, value) pairs)
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
