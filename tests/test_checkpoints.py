@@ -379,5 +379,8 @@ def test_hub_id_loads_its_revision_from_the_hub_cache(offline_hub, tmp_path):
     assert_same_weights(VQModel.from_pretrained("vqbatch-tests/tiny", subfolder="vqvae", revision="fp16"), half.vqvae)
     assert VQDiffusionScheduler.from_pretrained("vqbatch-tests/tiny", subfolder="scheduler",
                                                 revision="fp16").config == half.scheduler.config
+    config = VQModel.load_config("vqbatch-tests/tiny", subfolder="vqvae", revision="fp16")
+    assert config == half.vqvae.config and VQModel.from_config(config).config == half.vqvae.config
+    assert VQDiffusionScheduler.load_config("vqbatch-tests/tiny", subfolder="scheduler") == full.scheduler.config
     with pytest.raises(OSError, match="'vqbatch-tests/tiny' at revision 'v2'"):
         VQDiffusionPipeline.from_pretrained("vqbatch-tests/tiny", revision="v2")

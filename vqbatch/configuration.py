@@ -117,8 +117,14 @@ class Configured:
         return cls(**dict(validated))
 
     @classmethod
-    def load_config(cls, directory: str | Path, subfolder: str | None = None) -> ComponentConfig:
-        folder = Path(directory) / subfolder if subfolder else Path(directory)
+    def load_config(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                    revision: str | None = None) -> ComponentConfig:
+        """The validated config file of a component: a local folder, an s3:// URI or a hub id (at `revision`), plus
+        `subfolder`, as diffusers' `load_config` takes them."""
+        from vqbatch.hub import local_checkpoint
+
+        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
+        folder = folder / subfolder if subfolder else folder
         return cls.config_class.from_dict(read_json(folder / cls.config_name))
 
     def save_config(self, directory: str | Path) -> Path:
@@ -137,7 +143,4 @@ class ConfigOnlyComponent(Configured):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
                         revision: str | None = None, **overrides: Any):
-        from vqbatch.hub import local_checkpoint
-
-        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
-        return cls.from_config(cls.load_config(folder, subfolder), **overrides)
+        return cls.from_config(cls.load_config(pretrained_model_name_or_path, subfolder, revision), **overrides)
