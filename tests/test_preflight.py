@@ -91,11 +91,13 @@ def test_steps_beyond_the_checkpoints_chain(tiny_checkpoint, tmp_path, capsys):
                                     "than or equal to 1024"),
     ("--sampler", "greedy", "argument --sampler: invalid choice: 'greedy' (choose from 'reference', 'purity')"),
     ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"),
+    ("--output-format", "tar", "argument --output-format: invalid choice: 'tar' (choose from 'files', 'webdataset', "
+                               "'parquet')"),
 ])
 def test_bad_sampling_flags(tiny_checkpoint, tmp_path, capsys, flag, value, message):
     arguments = ["generate", "--input", str(EXAMPLE_PROMPTS), "--output", str(tmp_path / "out"),
                  "--model", str(tiny_checkpoint), flag, value]
-    if flag in ("--sampler", "--dtype"):  # argparse's own refusal
+    if "invalid choice" in message:  # argparse's own refusal
         with pytest.raises(SystemExit):
             main(arguments)
         assert_no_ray()

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, INTEGRITY_CHECKS, NOISES, SAMPLERS,
+from vqbatch.choices import (COMPILE_MODES, DTYPES, IMAGE_FORMATS, INTEGRITY_CHECKS, NOISES, OUTPUT_FORMATS, SAMPLERS,
                              TIMESTEP_SAMPLINGS, TIMESTEP_SPACINGS, TRAIN_DTYPES, TRUNCATION_TARGETS)
 
 
@@ -85,8 +85,8 @@ GENERATE_FLAGS = (  # (flag, dotted config key, type, help)
     ("--image-format", "output.image_format", str, "image file format (default png)"),
     ("--image-quality", "output.image_quality", int, "jpeg/webp quality 1-100 (default 95)"),
     ("--rows-per-file", "output.rows_per_file", int, "rows per shard: metadata Parquet file, tar (default 1000)"),
-    ("--output-format", "output.format", str, "files (an image file per row), webdataset (tar shards) or parquet "
-                                              "(image bytes in the Parquet files) (default files)"),
+    ("--output-format", "output.format", str, "files: an image file per row; webdataset: tar shards; parquet: "
+                                              "image bytes in the Parquet files (default files)"),
 )
 
 
@@ -151,7 +151,7 @@ def add_refresh_command(commands: argparse._SubParsersAction) -> None:
 # the flags whose values are one of a list (vqbatch/choices.py): argparse names the flag, the value and the list
 FLAG_CHOICES = {"sampling.timestep_spacing": TIMESTEP_SPACINGS, "sampling.sampler": SAMPLERS, "model.dtype": DTYPES,
                 "model.compile": COMPILE_MODES, "output.image_format": IMAGE_FORMATS, "sampling.noise": NOISES,
-                "sampling.truncation_target": TRUNCATION_TARGETS}
+                "sampling.truncation_target": TRUNCATION_TARGETS, "output.format": OUTPUT_FORMATS}
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
