@@ -166,6 +166,10 @@ def test_output_indexes_like_diffusers(pipe):
     assert output[0] is output.images is output["images"] and len(output[0]) == 3
     assert list(output.keys()) == ["images", "tokens"] and output.to_tuple() == (output.images, output.tokens)
     assert output[-1] is output.tokens and dict(output) == {"images": output.images, "tokens": output.tokens}
+    from diffusers import ImagePipelineOutput as Reference
+
+    alone, reference = ImagePipelineOutput(images=output.images), Reference(images=output.images)
+    assert list(alone.keys()) == list(reference.keys()) == ["images"] and alone.to_tuple() == reference.to_tuple()
 
 
 def test_callback_every_callback_steps(pipe):

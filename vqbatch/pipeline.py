@@ -41,10 +41,11 @@ LOG_ZERO_FLOOR = -70.0  # log-probabilities are clamped here so that log(0) = -i
 @dataclass
 class ImagePipelineOutput(BaseOutput):
     """diffusers' pipeline output plus the sampled tokens: `out.images`, `out[0]` and `out.to_tuple()[0]` are the
-    images (for output_type="latent", which leaves `images` None, the tokens)."""
+    images (for output_type="latent", which leaves `images` None, the tokens). Built with the images alone, as
+    diffusers builds it, it has diffusers' one key."""
 
     images: list[PIL.Image.Image] | np.ndarray | None  # None for output_type="latent"
-    tokens: torch.LongTensor  # (B, P) final VQ codebook indices, one row per image
+    tokens: torch.LongTensor | None = None  # (B, P) final VQ codebook indices, one row per image; set by the pipeline
 
 
 # ---------------------------------------------------------------------------------------------------------------
