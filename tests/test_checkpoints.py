@@ -327,6 +327,9 @@ def test_loading_options_as_diffusers_has_them(tiny_checkpoint):
     with pytest.raises(ValueError, match="torch_dtype=torch.float32 and dtype=torch.float16 disagree"):
         VQDiffusionTransformer.from_pretrained(tiny_checkpoint, subfolder="transformer", torch_dtype=torch.float32,
                                                dtype=torch.float16)
+    for keyword in ("torch_dtype", "dtype"):
+        with pytest.raises(ValueError, match=f"{keyword} must be a torch.dtype such as torch.float16, got 'float16'"):
+            VQDiffusionPipeline.from_pretrained(tiny_checkpoint, **{keyword: "float16"})
     pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, low_cpu_mem_usage=False)
     assert {model.dtype for model in pipe.models()} == {torch.bfloat16}
     with pytest.raises(FileNotFoundError, match="expected one of diffusion_pytorch_model.bin"):

@@ -34,6 +34,9 @@ def read_weight_files(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 def resolve_dtype(torch_dtype: torch.dtype | None, dtype: torch.dtype | None) -> torch.dtype | None:
     """`dtype` is diffusers' newer name for `torch_dtype`; either may be given, both only when they agree."""
+    for name, value in (("torch_dtype", torch_dtype), ("dtype", dtype)):
+        if value is not None and not isinstance(value, torch.dtype):
+            raise ValueError(f"{name} must be a torch.dtype such as torch.float16, got {value!r}")
     if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
         raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; give one of them (dtype is the "
                          "newer name of torch_dtype)")
