@@ -367,6 +367,27 @@ def test_progress_bar_as_diffusers_has_it(tiny_checkpoint):
         pipe.progress_bar()
 
 
+def test_a_component_fetches_only_its_folder_of_a_hub_snapshot(offline_hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from vqbatch import VQDiffusionScheduler, VQModel
+
+    pipe = VQDiffusionPipeline(**tiny_components(seed=6))
+    hub_cache(offline_hub, "vqbatch-tests/tiny", {"main": pipe.save_pretrained(tmp_path / "main")})
+    fetched, snapshot_download = [], huggingface_hub.snapshot_download
+
+    def recording_snapshot_download(repo_id, **options):
+        fetched.append(options["allow_patterns"])
+        return snapshot_download(repo_id, **options)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording_snapshot_download)
+    assert_same_weights(VQModel.from_pretrained("vqbatch-tests/tiny", subfolder="vqvae"), pipe.vqvae)
+    assert VQDiffusionScheduler.from_pretrained("vqbatch-tests/tiny", subfolder="scheduler").config == \
+        pipe.scheduler.config
+    VQDiffusionPipeline.from_pretrained("vqbatch-tests/tiny")
+    assert fetched == [["vqvae/*"], ["scheduler/*"], None]  # the other components' weights stay on the hub
+
+
 def test_hub_id_loads_its_revision_from_the_hub_cache(offline_hub, tmp_path):
     full = VQDiffusionPipeline(**tiny_components(seed=6))
     half = VQDiffusionPipeline(**tiny_components(seed=7)).to(torch.float16)

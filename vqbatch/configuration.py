@@ -121,10 +121,9 @@ class Configured:
                     revision: str | None = None) -> ComponentConfig:
         """The validated config file of a component: a local folder, an s3:// URI or a hub id (at `revision`), plus
         `subfolder`, as diffusers' `load_config` takes them."""
-        from vqbatch.hub import local_checkpoint
+        from vqbatch.hub import component_folder
 
-        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
-        folder = folder / subfolder if subfolder else folder
+        folder = component_folder(pretrained_model_name_or_path, subfolder, revision)
         return cls.config_class.from_dict(read_json(folder / cls.config_name))
 
     def save_config(self, directory: str | Path) -> Path:

@@ -30,11 +30,13 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "vqbatch"))
 
 
-def local_checkpoint(path_or_uri: str | Path, revision: str | None = None, s3: S3Config | None = None) -> Path:
+def local_checkpoint(path_or_uri: str | Path, revision: str | None = None, s3: S3Config | None = None,
+                     allow_patterns: list[str] | None = None) -> Path:
     """Return a local folder holding the checkpoint named by a local path, an s3:// URI or a hub id.
 
     `revision` (a branch, tag or commit) picks the version of a hub id; a local folder or an s3:// URI has one.
-    `s3` holds the S3 settings of an s3:// URI (default: the AWS environment variables alone).
+    `s3` holds the S3 settings of an s3:// URI (default: the AWS environment variables alone). `allow_patterns`
+    fetches only the matching files of a hub snapshot.
     """
     text = str(path_or_uri)
     if text.startswith("s3://"):
@@ -45,8 +47,16 @@ def local_checkpoint(path_or_uri: str | Path, revision: str | None = None, s3: S
             raise ValueError(f"checkpoint path {text!r} is a file; give the checkpoint folder")
         return path
     if looks_like_hub_id(text):
-        return download_hub_snapshot(text, revision)
+        return download_hub_snapshot(text, revision, allow_patterns)
     raise FileNotFoundError(f"checkpoint not found: {text!r} is neither an existing folder, an s3:// URI nor a hub id")
+
+
+def component_folder(path_or_uri: str | Path, subfolder: str | None, revision: str | None = None) -> Path:
+    """The local folder of one component: `subfolder` of the checkpoint (of a hub snapshot only its files are
+    fetched, not the other components' weights), or the checkpoint itself."""
+    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
+    folder = local_checkpoint(path_or_uri, revision=revision, allow_patterns=patterns)
+    return folder / subfolder if subfolder else folder
 
 
 def looks_like_hub_id(text: str) -> bool:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vqbatch.configuration import Configured, write_json
-from vqbatch.hub import local_checkpoint
+from vqbatch.hub import component_folder
 from vqbatch.models.weight_files import find_weight_files, index_file_name, shard_name_pattern, single_file_name
 
 LOADING_INFO_KEYS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")  # diffusers' loading info
@@ -122,8 +122,7 @@ class PretrainedModel(nn.Module, Configured):
         tensors (one copy in memory); False builds it initialised, then copies them in: the same model.
         `output_loading_info=True` returns `(model, info)` like diffusers; loading is strict, so a checkpoint that
         does not fit fails with every problem named and the info's lists are empty."""
-        folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
-        folder = folder / subfolder if subfolder else folder
+        folder = component_folder(pretrained_model_name_or_path, subfolder, revision)
         config = cls.load_config(folder)
         sources = find_weight_files(folder, variant, use_safetensors)
         with torch.device("meta" if low_cpu_mem_usage else "cpu"):
