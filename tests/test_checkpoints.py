@@ -202,6 +202,16 @@ def test_fp16_variant_files(tmp_path):
         VQDiffusionPipeline.from_pretrained(tmp_path, variant="bf16")
 
 
+def test_a_variant_loads_where_its_files_are_and_plain_files_elsewhere(tmp_path):
+    pipe = VQDiffusionPipeline(**tiny_components(seed=2))
+    pipe.save_pretrained(tmp_path)
+    pipe.transformer.to(torch.float16).save_pretrained(tmp_path / "transformer", variant="fp16")  # only it has fp16
+    loaded = VQDiffusionPipeline.from_pretrained(tmp_path, variant="fp16")
+    assert_same_weights(loaded.transformer, pipe.transformer)
+    assert_same_weights(loaded.vqvae, pipe.vqvae.to(torch.float16))  # its plain files, in the transformer's dtype
+    assert loaded.dtype == torch.float16
+
+
 def test_torch_dtype_and_device(tiny_checkpoint):
     pipe = VQDiffusionPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.bfloat16, device="cpu")
     assert {model.dtype for model in pipe.models()} == {torch.bfloat16}

@@ -396,9 +396,10 @@ class VQDiffusionPipeline:
         (at `revision`, a branch, tag or commit).
 
         Every model gets one dtype: `torch_dtype` (or its newer name `dtype`), or else the dtype of the stored
-        transformer weights. `variant` picks `*.<variant>.safetensors` weight files; sharded weights (an
-        `*.index.json` and its shards) load like single files. A component given by name (`scheduler=...`, as
-        diffusers takes it) is used as it is instead of the checkpoint's.
+        transformer weights. `variant` picks `*.<variant>.safetensors` weight files in the components that have
+        them, the others load their plain files (diffusers' rule); sharded weights (an `*.index.json` and its shards)
+        load like single files. A component given by name (`scheduler=...`, as diffusers takes it) is used as it is
+        instead of the checkpoint's.
         """
         unknown = sorted(set(components) - set(COMPONENT_CLASSES))
         if unknown:
@@ -407,13 +408,14 @@ class VQDiffusionPipeline:
         folder = local_checkpoint(pretrained_model_name_or_path, revision=revision)
         index = read_json(folder / MODEL_INDEX_NAME)
         classes = {name: component_class(index, name) for name in COMPONENT_CLASSES if name not in components}
-        options = dict(variant=variant, device=device, use_safetensors=use_safetensors,
-                       low_cpu_mem_usage=low_cpu_mem_usage)
+        variants = component_variants(folder, variant)
+        options = dict(device=device, use_safetensors=use_safetensors, low_cpu_mem_usage=low_cpu_mem_usage)
         if "transformer" not in components:
             components["transformer"] = load_component(classes.pop("transformer"), folder / "transformer",
-                                                       resolve_dtype(torch_dtype, dtype), **options)
+                                                       resolve_dtype(torch_dtype, dtype), variants["transformer"],
+                                                       **options)
         dtype = resolve_dtype(torch_dtype, dtype) or components["transformer"].dtype
-        return cls(**components, **{name: load_component(component, folder / name, dtype, **options)
+        return cls(**components, **{name: load_component(component, folder / name, dtype, variants[name], **options)
                                     for name, component in classes.items()})
 
     def save_pretrained(self, save_directory: str | Path, variant: str | None = None, safe_serialization: bool = True,
@@ -460,6 +462,17 @@ def component_class(index: dict, name: str) -> type:
         raise ValueError(f"{MODEL_INDEX_NAME}: unknown class {entry[1]!r} for component {name!r}; "
                          f"supported: {', '.join(classes)}")
     return classes[entry[1]]
+
+
+def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
+    """The variant each component loads (diffusers' rule): `variant` where the component folder has files of it,
+    plain files elsewhere; when no component has any, every one is asked for it and names the files it lacks."""
+    def has_variant(name: str) -> bool:
+        files = (folder / name).iterdir() if (folder / name).is_dir() else ()
+        return any(f".{variant}." in path.name or f".{variant}-" in path.name for path in files)
+
+    holders = {name for name in COMPONENT_CLASSES if variant is not None and has_variant(name)}
+    return {name: variant if name in holders or not holders else None for name in COMPONENT_CLASSES}
 
 
 def load_component(component: type, folder: Path, torch_dtype: torch.dtype | None, variant: str | None,
