@@ -67,10 +67,8 @@ class SampleBatches:
 
     def __init__(self, config: JobConfig, ledger: ray.actor.ActorHandle, identity: dict):
         self.ledger = ledger
-        context = ray.get_runtime_context()
-        self.actor = context.get_actor_id()
-        if context.was_current_actor_reconstructed:  # Ray restarted this actor after its process died
-            ledger.actor_restarted.remote()
+        self.actor = ray.get_runtime_context().get_actor_id()
+        ledger.actor_started.remote(self.actor)
         self.model = build_model(config.model, config.sampling, config.compute.batch_size, config.s3, identity)
         self.sampler = ResilientSampler(self.sample_rows)
 
@@ -126,11 +124,15 @@ class BatchLedger:
     def __init__(self):
         self.attempts: dict[bytes, int] = {}
         self.ended: dict[bytes, tuple[str, float, int, int]] = {}  # batch -> (actor, end time, rows, errors)
+        self.actors: set[str] = set()  # ids of the sampling actors that have started
         self.restarted = 0
         self.rows, self.errors = 0, 0  # of the batches in `ended`
 
-    def actor_restarted(self) -> None:
-        self.restarted += 1
+    def actor_started(self, actor: str) -> None:
+        """Ray restarts an actor whose process died under the same id: an id seen again is a restart."""
+        if actor in self.actors:
+            self.restarted += 1
+        self.actors.add(actor)
 
     def begin(self, batch: bytes) -> int:
         """The attempt this is: 1 the first time `batch` is sampled."""
