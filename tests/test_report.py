@@ -1,9 +1,14 @@
 """`vqbatch report`: the page opens in a real headless Chromium with every image loaded next to its prompt."""
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 
 import boto3
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pytest
@@ -11,11 +16,16 @@ from PIL import Image
 
 from conftest import SMALL_DATASET_OK
 from headless_chromium import Browser
+from vqbatch.choices import OUTPUT_FORMATS
 from vqbatch.cli import main
-from vqbatch.config import S3Config
-from vqbatch.io.dataset import OutputRoot, read_metadata
+from vqbatch.config import JobConfig, S3Config
+from vqbatch.io.dataset import OutputRoot, prepare_output, publish, read_metadata
 from vqbatch.io.filesystems import resolve, s3_filesystem
-from vqbatch.report import CONTACT_SHEET_NAME, REPORT_NAME, SHEET_COLUMNS, write_report
+from vqbatch.io.formats import sampled_table, write_shard
+from vqbatch.io.images import decode_image
+from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+from vqbatch.report import (CONTACT_SHEET_NAME, PLOT_WIDTH, REPORT_NAME, SHEET_COLUMNS, SHEET_IMAGE, speed_plot,
+                            write_report)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # kept after the run: look at the screenshot
 FIGURES = """[...document.querySelectorAll('figure.sample')].map(figure => {
@@ -87,3 +97,53 @@ def test_report_defaults_to_a_folder_inside_a_local_output(small_dataset):
     files = write_report(str(small_dataset), sample=2)
     assert files.html == small_dataset / "report" / REPORT_NAME
     assert json.loads((small_dataset / "manifest.json").read_text())["rows"] == SMALL_DATASET_OK + 2
+
+
+def polylines(svg: str) -> list[list[tuple[float, float]]]:
+    return [[tuple(map(float, point.split(","))) for point in points.split()]
+            for points in re.findall(r'<polyline [^>]*points="([^"]*)"', svg)]
+
+
+@pytest.mark.parametrize("images_per_bin", [{"actor 1": [18]}, {"actor 1": [4, 8, 0], "actor 2": [0, 4, 4]}])
+def test_each_speed_line_is_drawn_across_the_run_even_with_one_time_bin(images_per_bin):
+    bins = len(images_per_bin["actor 1"])
+    stats = {"seconds": 6.0 * bins, "bin_seconds": 6.0, "images_per_bin": images_per_bin, "actor_restarts": 0}
+    lines = polylines(speed_plot(1, stats))
+    assert len(lines) == (1 if len(images_per_bin) == 1 else 1 + len(images_per_bin))  # all actors, then each one
+    for line in lines:
+        xs = [x for x, _ in line]
+        assert xs == sorted(xs) and xs[-1] - xs[0] > PLOT_WIDTH / 2  # a visible line over the whole run
+    total = [sum(counts) / 6.0 for counts in zip(*images_per_bin.values())]
+    heights = [y for _, y in lines[0]][::2]  # one level per bin: the higher the rate, the higher the line
+    assert sorted(range(bins), key=lambda i: heights[i]) == sorted(range(bins), key=lambda i: -total[i])
+
+
+def published_dataset(folder: Path, output_format: str, statuses: list[str]) -> list[np.ndarray | None]:
+    """A dataset in `output_format` written by the engine's own writer functions, one row per status (noise images
+    on ok rows, the error 'prompt is empty' on the others): the pixels of each row."""
+    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
+                       output={"uri": str(folder), "format": output_format})
+    rows = pa.Table.from_pylist([dict(id=f"r{i}", prompt=f"prompt {i} <&>" if status == "ok" else " ", image_index=0,
+                                      seed=i, status=status, error=None if status == "ok" else "prompt is empty")
+                                 for i, status in enumerate(statuses)], schema=IMAGE_ROW_SCHEMA)
+    pixels = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) if status == "ok" else None
+              for i, status in enumerate(statuses)]
+    tokens = [[i] if status == "ok" else None for i, status in enumerate(statuses)]
+    publish(prepare_output(config.output, config.s3), [write_shard(sampled_table(rows, tokens, pixels), config)], [],
+            config)
+    return pixels
+
+
+@pytest.mark.parametrize("output_format", OUTPUT_FORMATS)
+def test_the_report_shows_the_stored_images_of_every_output_format(output_format, tmp_path):
+    pixels = published_dataset(tmp_path / "out", output_format, ["ok", "error", "ok", "ok"])
+    files = write_report(str(tmp_path / "out"), tmp_path / "report")
+    shown = re.findall(r'<figure class="sample" data-id="([^"]*)"><img src="data:image/png;base64,([^"]*)" '
+                       r'alt="([^"]*)">', files.html.read_text())
+    assert files.images == len(shown) == 3
+    for row_id, data, prompt in shown:
+        number = int(row_id[1:])
+        np.testing.assert_array_equal(decode_image(base64.b64decode(data)), pixels[number])
+        assert html.unescape(prompt) == f"prompt {number} <&>"
+    assert Image.open(files.contact_sheet).size[1] > SHEET_IMAGE
+

@@ -197,7 +197,7 @@ def speed_section(dataset: StoredDataset) -> str:
 
 
 def speed_plot(version: int, stats: dict) -> str:
-    """Images/s per time bin: all actors together and each actor, as lines in one SVG."""
+    """Images/s per time bin: all actors together and each actor, as step lines in one SVG."""
     width = stats["bin_seconds"]
     per_actor = {name: [count / width for count in counts] for name, counts in stats["images_per_bin"].items()}
     total = [sum(rates) for rates in zip(*per_actor.values())]
@@ -213,9 +213,9 @@ def line_plot(title: str, series: dict[str, list[float]], bin_seconds: float) ->
     peak = max((value for values in series.values() for value in values), default=0.0) or 1.0
     bins = max(len(values) for values in series.values())
 
-    def point(index: int, value: float) -> str:
-        x = left + (inner_w * (index + 0.5) / bins)
-        return f"{x:.1f},{top + inner_h * (1 - value / peak):.1f}"
+    def steps(index: int, value: float) -> str:  # the bin's rate across its width: a run of one bin is a line too
+        y = top + inner_h * (1 - value / peak)
+        return " ".join(f"{left + inner_w * edge / bins:.1f},{y:.1f}" for edge in (index, index + 1))
 
     parts = [f'<text x="{left}" y="14">{escape(title)}</text>',
              f'<line x1="{left}" y1="{top + inner_h}" x2="{left + inner_w}" y2="{top + inner_h}" stroke="#999"/>',
@@ -225,7 +225,7 @@ def line_plot(title: str, series: dict[str, list[float]], bin_seconds: float) ->
              f'<text x="{left + inner_w}" y="{PLOT_HEIGHT - 8}" text-anchor="end">{bins * bin_seconds:.0f} s</text>']
     for number, (name, values) in enumerate(series.items()):
         colour = PLOT_COLOURS[number % len(PLOT_COLOURS)]
-        points = " ".join(point(index, value) for index, value in enumerate(values))
+        points = " ".join(steps(index, value) for index, value in enumerate(values))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{2 if number == 0 else 1.2}" '
                      f'points="{points}"/>')
         parts.append(f'<text x="{left + inner_w + 8}" y="{top + 10 + 14 * number}" fill="{colour}">'
