@@ -147,3 +147,13 @@ def test_the_report_shows_the_stored_images_of_every_output_format(output_format
         assert html.unescape(prompt) == f"prompt {number} <&>"
     assert Image.open(files.contact_sheet).size[1] > SHEET_IMAGE
 
+
+
+@pytest.mark.parametrize("output_format", OUTPUT_FORMATS)
+def test_the_report_of_a_dataset_without_an_image_shows_its_errors(output_format, tmp_path):
+    published_dataset(tmp_path / "out", output_format, ["error"] * 3)
+    files = write_report(str(tmp_path / "out"), tmp_path / "report")
+    page = files.html.read_text()
+    assert files.images == 0 and '<figure class="sample"' not in page
+    assert "<p>0 ok, 3 errors.</p>" in page and "<tr><td>3</td><td>prompt is empty</td></tr>" in page
+    assert Image.open(files.contact_sheet).size[0] > 0

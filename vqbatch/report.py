@@ -84,17 +84,18 @@ def write_report(output_uri: str, to: str | Path | None = None, sample: int = DE
     return ReportFiles(page, sheet, len(samples))
 
 
-def choose_rows(ok_rows: pa.Table, sample: int, seed: int) -> list[dict]:
-    """`sample` ok rows drawn with `seed` (all of them if fewer), kept in dataset order."""
+def choose_rows(ok_rows: pa.Table, sample: int, seed: int) -> pa.Table:
+    """`sample` ok rows drawn with `seed` (all of them if fewer; none of a dataset without any), in dataset order."""
     chosen = sorted(random.Random(seed).sample(range(ok_rows.num_rows), min(sample, ok_rows.num_rows)))
-    return ok_rows.take(chosen).select(["id", "prompt", "image_index", "seed", "image", "image_format"]).to_pylist()
+    return ok_rows.take(pa.array(chosen, pa.int64())).select(["id", "prompt", "image_index", "seed", "image",
+                                                              "image_format"])
 
 
-def load_samples(dataset: StoredDataset, rows: list[dict]) -> list[Sample]:
+def load_samples(dataset: StoredDataset, rows: pa.Table) -> list[Sample]:
     """Each row with its image's bytes, read where the dataset's format keeps them (files, tars or Parquet)."""
-    location, images = dataset.location, pa.Table.from_pylist(rows).select(["image"])
-    data = shard_format(dataset.output_format).image_bytes(location.filesystem, location.root, images)
-    return [Sample(row, image) for row, image in zip(rows, data)]
+    location = dataset.location
+    data = shard_format(dataset.output_format).image_bytes(location.filesystem, location.root, rows.select(["image"]))
+    return [Sample(row, image) for row, image in zip(rows.to_pylist(), data)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
