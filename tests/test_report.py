@@ -24,8 +24,8 @@ from vqbatch.io.filesystems import resolve, s3_filesystem
 from vqbatch.io.formats import sampled_table, write_shard
 from vqbatch.io.images import decode_image
 from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
-from vqbatch.report import (CONTACT_SHEET_NAME, PLOT_WIDTH, REPORT_NAME, SHEET_COLUMNS, SHEET_IMAGE, speed_plot,
-                            write_report)
+from vqbatch.report import (CONTACT_SHEET_NAME, PLOT_WIDTH, REPORT_NAME, SHEET_COLUMNS, SHEET_FONT, SHEET_IMAGE,
+                            caption_font, speed_plot, write_report)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # kept after the run: look at the screenshot
 FIGURES = """[...document.querySelectorAll('figure.sample')].map(figure => {
@@ -157,3 +157,15 @@ def test_the_report_of_a_dataset_without_an_image_shows_its_errors(output_format
     assert files.images == 0 and '<figure class="sample"' not in page
     assert "<p>0 ok, 3 errors.</p>" in page and "<tr><td>3</td><td>prompt is empty</td></tr>" in page
     assert Image.open(files.contact_sheet).size[0] > 0
+
+
+def test_contact_sheet_captions_draw_letters_beyond_ascii():
+    font = caption_font()
+    if not str(getattr(font, "path", "")).endswith(SHEET_FONT):
+        pytest.skip(f"the system has no {SHEET_FONT} (Debian's fonts-dejavu-core)")
+
+    def glyph(text: str) -> bytes:
+        return bytes(font.getmask(text))
+
+    missing = glyph("\U0010fffd")  # a code point no font draws: the box shown for a missing letter
+    assert all(glyph(letter) != missing for letter in "éüñçøßÅΩЖ—…")

@@ -37,7 +37,9 @@ MIME_TYPES = {name: f"image/{name}" for name in EXTENSIONS}  # by the stored `im
 SHEET_COLUMNS = 8
 SHEET_IMAGE = 160  # pixels of each image's side on the contact sheet (small images are enlarged, pixels kept sharp)
 SHEET_PROMPT_LINES = 3
-SHEET_CAPTION_CHARACTERS = 26  # of the default font, across one image
+SHEET_CAPTION_CHARACTERS = 26  # of the caption font, across one image
+SHEET_FONT = "DejaVuSans.ttf"  # when the system has it (Debian's fonts-dejavu-core): accented, Greek, Cyrillic letters
+SHEET_FONT_SIZE = 10
 SHEET_LINE_HEIGHT = 12
 SHEET_PAD = 8
 PLOT_WIDTH, PLOT_HEIGHT = 520, 170
@@ -246,7 +248,7 @@ def contact_sheet(samples: list[Sample]) -> Image.Image:
     cell_w = SHEET_IMAGE + 2 * SHEET_PAD
     cell_h = SHEET_IMAGE + SHEET_PAD * 2 + SHEET_LINE_HEIGHT * (SHEET_PROMPT_LINES + 2) + 4
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(sheet), caption_font()
     for number, sample in enumerate(samples):
         x, y = (number % columns) * cell_w + SHEET_PAD, (number // columns) * cell_h + SHEET_PAD
         image = thumbnail(sample.data)
@@ -255,6 +257,15 @@ def contact_sheet(samples: list[Sample]) -> Image.Image:
         for line_number, line in enumerate(caption_lines(sample.row)):
             draw.text((x, y + SHEET_IMAGE + 4 + line_number * SHEET_LINE_HEIGHT), line, fill="black", font=font)
     return sheet
+
+
+def caption_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """`SHEET_FONT` from the system's font folders, else Pillow's own font (ASCII letters only: others show as
+    boxes)."""
+    try:
+        return ImageFont.truetype(SHEET_FONT, SHEET_FONT_SIZE)
+    except OSError:
+        return ImageFont.load_default(SHEET_FONT_SIZE)
 
 
 def thumbnail(data: bytes) -> Image.Image:
