@@ -1,11 +1,13 @@
 """The dataset card: `README.md` at the output root that `datasets` and `huggingface_hub` read as a dataset card."""
 
 import copy
+import datetime
 import json
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from huggingface_hub import DatasetCard
@@ -70,3 +72,26 @@ def test_the_cards_first_recipe_loads_the_dataset_in_its_format(output_format, t
         image = names["rows"].features["image"]
         assert image == (datasets.Image() if output_format == "parquet" else datasets.Value("string"))
         assert sorted(names["rows"]["id"]) == ["bad", "ok"]
+
+
+def test_kept_columns_of_any_arrow_type_are_typed_as_datasets_types_them(small_dataset, tmp_path):
+    manifest = json.loads((small_dataset / "manifest.json").read_text())
+    table = pq.read_table([str(small_dataset / shard["file"]) for shard in manifest["metadata_files"]])
+    rows = table.num_rows
+    kept = {"taken": pa.array([datetime.date(2024, 1, 1 + i) for i in range(rows)], pa.date32()),
+            "score": pa.array([i / 2 for i in range(rows)], pa.float32()),
+            "exif": pa.array([{"iso": i, "lens": ["a", "b"]} for i in range(rows)]),
+            "boxes": pa.array([[[i, i + 1]] for i in range(rows)], pa.list_(pa.list_(pa.int32()))),
+            "crop": pa.array([[i, i, 8] for i in range(rows)], pa.list_(pa.int16(), 3)),
+            "tags": pa.array([[f"t{i}"] for i in range(rows)], pa.large_list(pa.string())),
+            "source": pa.array(["web"] * rows).dictionary_encode(),
+            "when": pa.array([i for i in range(rows)], pa.timestamp("ms", tz="UTC"))}
+    for name, column in kept.items():
+        table = table.append_column(name, column)
+    (tmp_path / "versions").mkdir()
+    pq.write_table(table, tmp_path / "versions" / "part-0.parquet")
+    manifest["metadata_files"] = [{**manifest["metadata_files"][0], "file": "versions/part-0.parquet", "rows": rows}]
+    (tmp_path / CARD_NAME).write_text(card_text(manifest, table.schema))
+    loaded = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.features == datasets.Features.from_arrow_schema(table.schema)
+    assert loaded[3]["exif"] == {"iso": 3, "lens": ["a", "b"]} and loaded[3]["taken"] == datetime.date(2024, 1, 4)

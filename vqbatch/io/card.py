@@ -19,8 +19,9 @@ from vqbatch.io.formats import IMAGE_STRUCT
 
 CARD_NAME = "README.md"
 CARD_MARKER = "written by vqbatch"  # in every card's text: a README.md without it is not a card vqbatch wrote
-ARROW_TO_HF = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float64(): "float64",
-               pa.bool_(): "bool"}
+# the Arrow types whose name in `datasets` differs from Arrow's own (`str(type)`), which it uses for every other one
+ARROW_TO_HF = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.date32(): "date32",
+               pa.date64(): "date64"}
 
 
 # Where each `output.format` keeps the images, and how to load them (the card's first recipe)
@@ -49,18 +50,26 @@ def is_dataset_card(text: bytes) -> bool:
 
 
 def hf_feature(field: pa.Field) -> dict:
-    """One `dataset_info.features` entry: {"name", "dtype"}, or {"name", "list"} for a list column; the parquet
-    format's `image` struct {bytes, path} is HF's `image` type."""
-    if field.type == IMAGE_STRUCT:
-        return {"name": field.name, "dtype": "image"}
-    if pa.types.is_list(field.type):
-        return {"name": field.name, "list": hf_dtype(field.type.value_type)}
-    return {"name": field.name, "dtype": hf_dtype(field.type)}
+    """One `dataset_info.features` entry: the column's name and type (`hf_type`)."""
+    return {"name": field.name, **hf_type(field.type)}
 
 
-def hf_dtype(data_type: pa.DataType) -> str:
-    """HF's name of an Arrow type: Arrow's own name for the primitives a kept input column may have."""
-    return ARROW_TO_HF.get(data_type, str(data_type))
+def hf_type(data_type: pa.DataType) -> dict:
+    """A column type as `datasets` writes it in a card: {"dtype": name}, {"struct": [entries]}, {"list" or
+    "large_list": item type (and "length" for a fixed-size list)}; the parquet format's `image` struct {bytes, path}
+    is HF's `image` type, a dictionary-encoded column its values' type."""
+    if data_type == IMAGE_STRUCT:
+        return {"dtype": "image"}
+    if pa.types.is_dictionary(data_type):
+        return hf_type(data_type.value_type)
+    if pa.types.is_struct(data_type):
+        return {"struct": [hf_feature(data_type.field(index)) for index in range(data_type.num_fields)]}
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type):
+        item = hf_type(data_type.value_type)
+        item = item.get("dtype", item.get("struct", item))  # a name, the fields of a struct, or a nested list
+        length = {"length": data_type.list_size} if pa.types.is_fixed_size_list(data_type) else {}
+        return {"large_list" if pa.types.is_large_list(data_type) else "list": item, **length}
+    return {"dtype": ARROW_TO_HF.get(data_type, str(data_type))}
 
 
 def card_header(manifest: dict, schema: pa.Schema) -> dict:
