@@ -16,14 +16,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from system_packages import apt_install
+
 
 def chromium_path() -> str:
     """The system Chromium; installed with apt-get when missing and this process may (CI runs as root)."""
     found = shutil.which("chromium")
-    if found is None and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True, timeout=900,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if found is None and apt_install("chromium"):
         found = shutil.which("chromium")
     if found is None:
         raise RuntimeError("the report test needs Debian's chromium: apt-get install -y chromium")
