@@ -97,6 +97,24 @@ def test_refresh_adds_exactly_the_new_rows_then_nothing_and_refuses_a_changed_fi
     assert [v["version"] for v in history] == [1, 2, 3] and history[2]["fingerprint"] != history[1]["fingerprint"]
 
 
+def test_returning_to_an_earlier_fingerprint_publishes_its_rows_again_without_sampling_them(tmp_path):
+    inputs, output = write_prompts(tmp_path / "a.parquet", ["x", "y"]), tmp_path / "out"
+    settings = {"sampling.images_per_prompt": 1, "output.mode": "refresh"}
+    first = refresh(job([inputs], output, "noop", **settings, **{"sampling.base_seed": 1}))
+    first_seeds = {row["id"]: row["seed"] for row in keys_of(output)[1]}
+    refresh(job([inputs], output, "noop", **settings, **{"sampling.base_seed": 2}), allow_new_fingerprint=True)
+    assert {row["id"]: row["seed"] for row in keys_of(output)[1]} != first_seeds
+
+    summary = refresh(job([inputs], output, "noop", **settings, **{"sampling.base_seed": 1}),
+                      allow_new_fingerprint=True)
+    assert (summary.rows, summary.version) == (0, 3)  # nothing sampled: version 1 holds every key
+    keys, rows = keys_of(output)
+    assert sorted(keys) == [("x", 0), ("y", 0)] and {row["id"]: row["seed"] for row in rows} == first_seeds
+    manifest = read_manifest(location(output))
+    assert manifest["metadata_files"] == first.manifest["metadata_files"]
+    assert manifest["versions"][2]["fingerprint"] == manifest["versions"][0]["fingerprint"]
+
+
 def test_generate_refuses_an_existing_dataset_and_a_refresh_of_a_new_output_is_version_one(tmp_path, capsys):
     inputs = write_prompts(tmp_path / "a.parquet", ["x", "y"])
     output = tmp_path / "out"

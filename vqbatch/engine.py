@@ -209,7 +209,7 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
     inputs = check_sources(config)
     with Lease(config.output.uri, config.s3) as lease:
         plan = plan_version(config, inputs, allow_new_fingerprint)
-        if not plan.pending and not plan.staged and not plan.damaged:
+        if not plan.pending and not plan.staged and not plan.damaged and not plan.changes_published_fingerprint:
             return JobSummary(config.output.uri, 0, 0, 0, 0, 0.0, None)
         for damage in plan.damaged:
             LOG.warning(f"repairing: {damage.problem}; the rows lost are sampled again")
@@ -218,7 +218,8 @@ def run_job(config: JobConfig, on_progress: Callable[[Progress], None] | None = 
             config, restarts = sample_version(config, inputs, plan,
                                               ProgressReport(plan.pending, on_progress, progress_every),
                                               ray_address)  # `auto` batch size resolved
-        else:  # a killed run wrote every row, or a repair finds nothing to sample again: publish
+        else:  # a killed run wrote every row, a repair finds nothing to sample again, or an earlier fingerprint's
+            # versions hold every key again: publish
             start_version(plan)
         lease.check()
         manifest = publish_version(plan, inputs.uris, config)

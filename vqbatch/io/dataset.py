@@ -25,7 +25,8 @@ counts, input files and fingerprint.
 
 The fingerprint (`vqbatch.lineage`) is what decides the sampled tokens and images. A refresh under a changed
 fingerprint is refused unless allowed; allowed, it generates every key again as a new version, and the older
-versions stay on disk and in the history.
+versions stay on disk and in the history. Returning to an earlier fingerprint generates only the keys its own
+versions lack, and publishes a version even when they lack none: the view is then that fingerprint's rows again.
 """
 
 from __future__ import annotations
@@ -223,6 +224,12 @@ class VersionPlan:
     @property
     def folder(self) -> str:
         return version_folder(self.version)
+
+    @property
+    def changes_published_fingerprint(self) -> bool:
+        """Whether the latest published version has another fingerprint (allowed): this run's fingerprint then
+        becomes the published one, even where its earlier versions hold every key and nothing is sampled."""
+        return bool(self.history) and self.history[-1]["fingerprint"] != self.fingerprint.digest
 
 
 def plan_version(config: JobConfig, inputs: InputFiles, allow_new_fingerprint: bool = False) -> VersionPlan:
