@@ -118,3 +118,16 @@ def test_a_broken_s3_section_is_reported_without_its_values(tmp_path, s3_section
     message = str(error.value)
     assert f"s3.{next(iter(s3_section))}" in message and "s4: unknown field" in message
     assert "hunter2" not in message and "hunter2" not in repr(error.value.__context__)
+
+
+@pytest.mark.parametrize("text, line", [
+    ('s3:\n  secret_access_key: "hunter2-secret\n', 2),  # an unclosed quote
+    ("s3:\n  secret_access_key: hunter2: secret\n", 2),  # a colon inside the value
+    ("s3:\n  secret_access_key: [hunter2-secret\n", 2),  # an unclosed flow sequence
+    ("s3:\n\tsecret_access_key: hunter2-secret\n", 2),  # a tab for indentation
+    ("s3:\n  secret_access_key: a\n  secret_access_key: hunter2-secret\n", 3),  # a key given twice
+])
+def test_a_yaml_syntax_error_names_its_line_but_never_quotes_it(tmp_path, text, line):
+    with pytest.raises(ValueError, match=f"not valid YAML: .*line {line}") as error:
+        load_job_config(write_yaml(tmp_path, text))
+    assert "hunter2" not in str(error.value) and error.value.__context__ is None

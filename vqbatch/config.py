@@ -220,16 +220,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"job config file not found: {path}")
+    problem = None
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
+        problem = yaml_problem(error)  # raised outside the block: PyYAML's error keeps the file's text
+    if problem is not None:
+        raise ValueError(f"{path} is not valid YAML: {problem}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping with sections {', '.join(JobConfig.model_fields)}; "
                          f"got a {type(data).__name__}")
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What the parser found and where (line, column), without the lines PyYAML quotes in its own message: a quoted
+    line may hold a credential."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error)  # a reader error: the bad character's code and position, no text of the file
+    parts = [f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text
+             for text, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark)) if text]
+    return "; ".join(parts + ([error.note] if error.note else []))
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
