@@ -155,6 +155,16 @@ def test_parquet_format_truncated_and_deleted_metadata_files(prompts, tmp_path, 
     check_reported_and_repaired(damage, config, capsys)
 
 
+def test_every_metadata_file_lost_leaves_nothing_to_draw_and_every_row_named(prompts, tmp_path, local_ray, capsys):
+    config = job(prompts, tmp_path / "out", "files")
+    run_job(config)
+    damage = Damage(str(tmp_path / "out"))
+    for position in range(len(damage.manifest["metadata_files"])):
+        damage.lose_metadata_file(position, "delete")
+    assert sorted(damage.lost) == EVERY_KEY
+    check_reported_and_repaired(damage, config, capsys)
+
+
 def test_s3_output_lost_metadata_file_and_image(prompts, s3_endpoint, local_ray, capsys):
     boto3.client("s3").create_bucket(Bucket="integrity")
     s3 = S3Config(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")

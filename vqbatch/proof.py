@@ -339,7 +339,7 @@ def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3:
     population = population.filter(pa.array([key not in lost_keys for key in zip(
         population.column("id").to_pylist(), population.column("image_index").to_pylist())], pa.bool_()))
     drawn = sorted(random.Random(seed).sample(range(population.num_rows), min(sample, population.num_rows)))
-    rows = population.take(drawn)
+    rows = population.take(pa.array(drawn, pa.int64()))  # typed: none may be drawn
     tokens, pixels = regenerate(rows, dataset.manifest, batch_size, s3, device)
     quality = dataset.manifest["output"]["image_quality"]
     checks = [check_row(row, row_tokens, image, stored_image(dataset, rows.slice(position, 1)), quality)
