@@ -129,10 +129,10 @@ class LocalLeaseStore:
         """The lease's record and its version (here: the record's own owner and heartbeat), or None."""
         try:
             with open(self.path, "rb") as stream:
-                data = stream.read()
+                data, modified = stream.read(), os.fstat(stream.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        return parse_record(data), data.decode("utf-8", errors="replace")
+        return parse_record(data, modified), data.decode("utf-8", errors="replace")
 
     def hidden_temporary(self) -> str:
         folder, name = os.path.split(self.path)
@@ -194,7 +194,7 @@ class S3LeaseStore:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
         except self.client.exceptions.NoSuchKey:
             return None
-        return parse_record(response["Body"].read()), response["ETag"]
+        return parse_record(response["Body"].read(), response["LastModified"].timestamp()), response["ETag"]
 
     def renew(self, version: str, data: bytes) -> None:
         self.put(data, IfMatch=version)
@@ -231,9 +231,16 @@ def died_on_this_host(holder: dict) -> bool:
     return False
 
 
-def parse_record(data: bytes) -> dict:
+def parse_record(data: bytes, modified: float) -> dict:
+    """The lease's record; one that does not read (a local lease between its creation and its first write, or a
+    damaged one), or whose heartbeat is not a number, counts as beating when its file was last written (`modified`,
+    in seconds)."""
     try:
         record = json.loads(data)
     except ValueError:
-        return {"owner": "an unreadable lease", "heartbeat": 0}
-    return record if isinstance(record, dict) else {"owner": "an unreadable lease", "heartbeat": 0}
+        record = None
+    if not isinstance(record, dict):
+        record = {"owner": "an unreadable lease"}
+    if not isinstance(record.get("heartbeat"), (int, float)):
+        record["heartbeat"] = modified
+    return record
