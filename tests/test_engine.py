@@ -14,7 +14,7 @@ from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config, validate_job_config
 from vqbatch.engine import (BLOCK_ROWS, MAX_BATCHES_PER_BLOCK, BatchLedger, actor_pool, build_dataset, rows_per_block,
                             run_job)
-from vqbatch.io.dataset import OutputRoot, plan_version, read_manifest, read_metadata
+from vqbatch.io.dataset import MANIFEST_FORMAT, OutputRoot, plan_version, read_manifest, read_metadata
 from vqbatch.io.formats import metadata_schema
 from vqbatch.io.filesystems import read_bytes, resolve
 from vqbatch.io.images import decode_image
@@ -170,7 +170,8 @@ def test_job_errors_come_before_any_output_or_model(tmp_path, make_input, messag
 def test_an_actor_pool_taking_every_cpu_is_refused_before_the_output_is_cleared(tmp_path):
     pq.write_table(pa.table({"id": ["1"], "prompt": ["p"]}), tmp_path / "a.parquet")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "_SUCCESS").write_bytes(b"")  # a dataset that overwrite would replace
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))  # a dataset...
+    (tmp_path / "out" / "_SUCCESS").write_bytes(b"")  # ...that overwrite would replace
     config = load_job_config(None, {"input.paths": str(tmp_path / "a.parquet"), "model.uri": "noop",
                                     "output.uri": str(tmp_path / "out"), "output.mode": "overwrite",
                                     "compute.max_actors": 2})

@@ -90,6 +90,26 @@ def test_demo_never_deletes_a_users_file(tmp_path, capsys):
         assert (output / user_file).read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("user_files, named", [
+    ({"manifest.json": '{"name": "my web app", "icons": []}'}, "not a vqbatch manifest"),
+    ({"manifest.json": "[1, 2]"}, "not a vqbatch manifest"),
+    ({"_SUCCESS": ""}, "_SUCCESS"),  # a Spark job's marker
+    ({"report/report.html": "<html>mine</html>", "report/contact_sheet.png": "png"}, "report/report.html"),
+])
+def test_names_vqbatch_writes_are_foreign_without_a_vqbatch_manifest(user_files, named, prompts, tmp_path, capsys):
+    output = tmp_path / "out"
+    for relative, text in user_files.items():
+        (output / relative).parent.mkdir(parents=True, exist_ok=True)
+        (output / relative).write_text(text)
+    for flags in (["--overwrite"], []):
+        capsys.readouterr()
+        assert generate(prompts, output, *flags) == 2  # refused before Ray starts
+        error = capsys.readouterr().err
+        assert named in error and "Traceback" not in error
+    assert main(["demo", "--output", str(output), "--quiet"]) == 2
+    assert {relative: (output / relative).read_text() for relative in user_files} == user_files  # nothing deleted
+
+
 def test_s3_overwrite_refuses_a_foreign_object_and_replaces_its_own(prompts, s3_endpoint, local_ray,
                                                                    capsys):
     client = boto3.client("s3")

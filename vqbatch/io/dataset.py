@@ -58,6 +58,7 @@ from vqbatch.keys import KEY_COLUMNS, key_column, key_hashes, keys_digest
 from vqbatch.lineage import Fingerprint, fingerprint_changes, generation_fingerprint
 
 MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "vqbatch-dataset/1"  # the manifest's "format": what tells vqbatch's manifest from another file
 SUCCESS_NAME = "_SUCCESS"
 VERSIONS_DIR = "versions"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -119,11 +120,12 @@ class OutputContents:
 def output_contents(location: OutputRoot) -> OutputContents:
     """Every file under the output root, sorted into vqbatch's own and the foreign ones.
 
-    vqbatch's own: the manifest, `_SUCCESS`, its dataset card, `vqbatch report`'s page and contact sheet; every file
-    a manifest lists; and, inside a version folder that the history records or that holds a `fingerprint.json`
-    (a staged version), the files vqbatch names (`part-<hex>.parquet|tar`, `images/<xx>/<hex>_<n>.<ext>`,
-    `fingerprint.json`, `run.json`) and write-temporaries (`.<name>.<32 hex>.tmp`). The lease (held by a run) is
-    neither, and rerun datasets under `reruns/` are kept: they are datasets of their own.
+    vqbatch's own: its manifest (one it did not write is refused, `load_manifest`) and, beside it, `_SUCCESS`,
+    `vqbatch report`'s page and contact sheet and every file it lists; its dataset card; and, inside a version folder
+    that the history records or that holds a `fingerprint.json` (a staged version), the files vqbatch names
+    (`part-<hex>.parquet|tar`, `images/<xx>/<hex>_<n>.<ext>`, `fingerprint.json`, `run.json`) and write-temporaries
+    (`.<name>.<32 hex>.tmp`). The lease (held by a run) is neither, and rerun datasets under `reruns/` are kept: they
+    are datasets of their own.
     """
     files = [posixpath.relpath(path, location.root)
              for path in list_files(location.filesystem, location.root, hidden=True)]
@@ -148,8 +150,9 @@ MARKERS = (MANIFEST_NAME, FINGERPRINT_NAME)  # what makes the files beside them 
 
 
 def published_files(location: OutputRoot) -> tuple[set[str], set[str]]:
-    """The files the manifest lists (every version's metadata and data files) and the folders they are in ("" for
-    a dataset written without versions); nothing without a manifest."""
+    """The files the manifest lists (every version's metadata and data files) with the manifest itself, `_SUCCESS`
+    and `vqbatch report`'s page, and the folders they are in ("" for a dataset written without versions); nothing
+    without a manifest."""
     if not exists(location.filesystem, location.path(MANIFEST_NAME)):
         return set(), set()
     manifest = load_manifest(location)
@@ -159,12 +162,13 @@ def published_files(location: OutputRoot) -> tuple[set[str], set[str]]:
     lost = [file for entry in manifest.get("versions", []) for file in entry.get("lost_metadata_files", [])]
     listed = {path for relative in shards for path in (relative, *output_format.data_files(relative))}
     folders = {posixpath.dirname(relative) for relative in (*shards, *lost)}
-    return listed | set(manifest.get("data_files", [])), folders | {""}
+    markers = {MANIFEST_NAME, SUCCESS_NAME, *REPORT_FILES}
+    return listed | set(manifest.get("data_files", [])) | markers, folders | {""}
 
 
 def is_own(location: OutputRoot, relative: str, listed: set[str], folders: set[str]) -> bool:
     """Whether vqbatch wrote the file at `relative` (see `output_contents`); `folders` are the version folders."""
-    if relative in (MANIFEST_NAME, SUCCESS_NAME, *REPORT_FILES) or relative in listed:
+    if relative in listed:
         return True
     if relative == CARD_NAME:
         return is_dataset_card(read_bytes(location.filesystem, location.path(relative)))
@@ -515,7 +519,7 @@ def publish(location: OutputRoot, shards: list[dict], input_uris: list[str], con
     `shards` are the files readers see; `versions` is the history of versions (see `VersionPlan` above).
     """
     manifest = {
-        "format": "vqbatch-dataset/1",
+        "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": sum(shard["rows"] for shard in shards),
         "ok": sum(shard["ok"] for shard in shards),
@@ -560,8 +564,16 @@ def read_manifest(location: OutputRoot) -> dict:
 
 
 def load_manifest(location: OutputRoot) -> dict:
-    """`manifest.json`, every file it names checked to lie inside the output root (`inside_root`)."""
-    manifest = json.loads(read_bytes(location.filesystem, location.path(MANIFEST_NAME)))
+    """`manifest.json`, every file it names checked to lie inside the output root (`inside_root`); a ValueError when
+    vqbatch did not write it (not a JSON object of `MANIFEST_FORMAT`)."""
+    try:
+        manifest = json.loads(read_bytes(location.filesystem, location.path(MANIFEST_NAME)))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"the {MANIFEST_NAME} at {location.root} is not a vqbatch manifest (a JSON object with "
+                         f"\"format\": \"{MANIFEST_FORMAT}\"): vqbatch did not write it, or it is damaged; vqbatch "
+                         "neither reads nor replaces this output: move the file, or choose another output")
     for entry in (manifest, *manifest.get("versions", [])):
         for shard in entry.get("metadata_files", []):
             inside_root(shard["file"], location)
