@@ -8,9 +8,13 @@ import sys
 import time
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import ray
 
-from vqbatch.config import S3Config
+from vqbatch.config import S3Config, load_job_config
+from vqbatch.engine import run_job
 from vqbatch.io.lease import LEASE_NAME, STALE_SECONDS, Lease, LeaseHeld
 
 
@@ -61,3 +65,14 @@ def test_a_lease_that_does_not_read_yet_is_held_until_its_file_goes_stale(tmp_pa
     os.utime(output / LEASE_NAME, (written, written))  # nothing wrote it for longer than the timeout
     with Lease(str(output), S3Config()) as taker:
         taker.check()
+
+
+def test_an_s3_output_that_cannot_be_written_is_refused_before_ray_starts(tmp_path, moto_server):
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a red circle"]}), tmp_path / "prompts.parquet")
+    config = load_job_config(None, {"input.paths": [str(tmp_path / "prompts.parquet")], "model.uri": "noop",
+                                    "output.uri": "s3://no-such-bucket/out", "s3.endpoint_url": moto_server,
+                                    "s3.access_key_id": "key", "s3.secret_access_key": "secret",
+                                    "s3.region": "us-east-1"})
+    with pytest.raises(ValueError, match=r"s3://no-such-bucket/out cannot be written \(NoSuchBucket: "):
+        run_job(config)
+    assert not ray.is_initialized()

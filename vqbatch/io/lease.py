@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -206,15 +207,18 @@ class S3LeaseStore:
         self.client.delete_object(Bucket=self.bucket, Key=self.key)
 
     def put(self, data: bytes, **condition: str) -> bool:
+        """Whether the conditional write took place; a ValueError naming the output when it cannot be written."""
         from botocore.exceptions import ClientError
 
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **condition)
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
-                                                               "412", "409"):
+            code = error.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
                 return False
-            raise
+            raise ValueError(f"output.uri: s3://{self.bucket}/{posixpath.dirname(self.key)} cannot be written "
+                             f"({code}: {error.response.get('Error', {}).get('Message')}); check that the bucket "
+                             "exists and that the s3 settings' credentials may write to it") from None
         return True
 
 
