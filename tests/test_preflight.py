@@ -126,6 +126,20 @@ def test_missing_tokenizer_files(checkpoint, tmp_path):
     assert_no_ray()
 
 
+@pytest.mark.parametrize("component", ["vqvae", "transformer", "learned_classifier_free_sampling_embeddings",
+                                       "text_encoder"])
+def test_a_model_config_missing_or_not_json(checkpoint, tmp_path, component):
+    config = checkpoint / component / "config.json"
+    text = config.read_text()
+    config.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=rf"model.uri: {component}/config.json of checkpoint .* is not valid JSON"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"model.uri: checkpoint .* has no {component}/config.json"):
+        run_job(job(checkpoint, tmp_path, steps=2))
+    assert_no_ray()
+
+
 def test_truncated_weight_file(checkpoint, tmp_path):
     weights = checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
     check_safetensors_complete(weights)

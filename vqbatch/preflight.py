@@ -1,9 +1,10 @@
 """The job's preflight: can this checkpoint run these sampling settings, and can this output be written? Answered
 before Ray starts and before any model loads, from the checkpoint's small files alone.
 
-Read: `model_index.json`, `scheduler/scheduler_config.json` and the tokenizer's file names; for a local folder also
-the header of every safetensors weight file (a file shorter than its header says is a truncated copy). An s3://
-checkpoint is read in place and a hub id fetches only its JSON and text files, so no weights move.
+Read: `model_index.json`, `scheduler/scheduler_config.json`, each model's `config.json` and the tokenizer's file
+names; for a local folder also the header of every safetensors weight file (a file shorter than its header says is
+a truncated copy). An s3:// checkpoint is read in place and a hub id fetches only its JSON and text files, so no
+weights move.
 
 The output (`check_output_location`) must not be an existing file, a local folder must be writable by this process,
 and it must not lie inside an input folder (folders are read recursively, so a later run would read the dataset's
@@ -30,6 +31,7 @@ from vqbatch.models.weight_files import (DIFFUSERS_STEMS, TRANSFORMERS_STEMS, ch
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+COMPONENT_CONFIG = "config.json"  # of each model component (diffusers' and transformers' name)
 DEFAULT_NUM_TRAIN_TIMESTEPS = 100  # VQDiffusionScheduler's default, for a scheduler config without the key
 # component folder -> the stems of its weight files (diffusers' models, then transformers' text encoder)
 WEIGHTED_COMPONENTS = {"vqvae": DIFFUSERS_STEMS, "transformer": DIFFUSERS_STEMS,
@@ -59,6 +61,8 @@ def check_checkpoint(model: ModelConfig, sampling: SamplingConfig, s3: S3Config)
         raise ValueError(f"model.uri: {model.uri!r} is not a VQ-Diffusion checkpoint: its {MODEL_INDEX} lacks "
                          f"{', '.join(missing)}; a VQ-Diffusion checkpoint has {', '.join(COMPONENTS)}")
     check_steps(sampling.steps, read_config(checkpoint, SCHEDULER_CONFIG, model.uri), model.uri)
+    for component in WEIGHTED_COMPONENTS:  # each model is built from its config before its weights are read
+        read_config(checkpoint, f"{component}/{COMPONENT_CONFIG}", model.uri)
     check_tokenizer(checkpoint, model.uri)
     if checkpoint.local_folder is not None:
         check_weight_files(checkpoint.local_folder)
