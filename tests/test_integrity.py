@@ -74,6 +74,16 @@ class Damage:
         self.files.add(relative)
         return relative
 
+    def drop_first_row(self, position: int) -> str:
+        """Rewrite a metadata file without its first row: a file that reads, holding fewer rows than listed."""
+        relative, rows = self.shard(position)
+        path = self.location.path(relative)
+        table = pq.read_table(path, filesystem=self.location.filesystem)
+        pq.write_table(table.slice(1), path, filesystem=self.location.filesystem)
+        self.lost[keys_of(rows[:1])[0]] = relative
+        self.files.add(relative)
+        return relative
+
     def lose_first_image(self, position: int) -> str:
         """The first image of the first shard from `position` on that holds more than one row (so the shard keeps
         rows and is written again without the lost one)."""
@@ -153,6 +163,18 @@ def test_parquet_format_truncated_and_deleted_metadata_files(prompts, tmp_path, 
     damage.lose_metadata_file(0, "truncate")
     damage.lose_metadata_file(2, "delete")
     check_reported_and_repaired(damage, config, capsys)
+
+
+@pytest.mark.parametrize("output_format", ["files", "parquet"])
+def test_rows_gone_from_a_metadata_file_that_reads_are_named_and_repaired(prompts, tmp_path, local_ray, capsys,
+                                                                          output_format):
+    config = job(prompts, tmp_path / "out", output_format)
+    run_job(config)
+    damage = Damage(str(tmp_path / "out"))
+    shortened = damage.drop_first_row(0)
+    damage.lose_metadata_file(2, "delete")
+    check_reported_and_repaired(damage, config, capsys)
+    assert read_manifest(damage.location)["versions"][-1]["repair"]["metadata_files_with_rows_gone"] == [shortened]
 
 
 def test_every_metadata_file_lost_leaves_nothing_to_draw_and_every_row_named(prompts, tmp_path, local_ray, capsys):

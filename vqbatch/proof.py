@@ -350,12 +350,13 @@ def verify(output_uri: str, sample: int, seed: int = 0, batch_size: int = 8, s3:
 
 def lost_checks(dataset: StoredDataset, inspection: Inspection, s3: S3Config) -> tuple[list[RowCheck], list[str]]:
     """A failed check per lost row: those of readable metadata files by their problem, those of metadata files that
-    are gone or do not read named from the input files the manifest records; a problem line when they cannot be."""
+    are gone or do not read, and those gone from a file that reads, named from the input files the manifest
+    records; a problem line when they cannot be."""
     checks = [RowCheck(row["id"], row["image_index"], 0, 0, row["problem"]) for row in inspection.lost_rows]
-    whole = [damage for damage in inspection.damaged if damage.whole]
-    if not whole:
+    unlisted = [damage for damage in inspection.damaged if damage.whole or damage.rows_gone]
+    if not unlisted:
         return checks, []
-    problem = "; ".join(damage.problem for damage in whole)
+    problem = "; ".join(damage.problem for damage in unlisted)
     named = key_column(pa.table({"id": [check.id for check in checks],
                                  "image_index": pa.array([check.image_index for check in checks], pa.int32())}))
     try:

@@ -460,17 +460,21 @@ def rewrite_without(location: OutputRoot, relative: str, keep: pa.Array, folder:
 # ---------------------------------------------------------------------------------------------------------------
 
 def repair_record(damaged: tuple[ShardDamage, ...]) -> dict:
-    """What a version records of the repair it made: the files found lost or with lost images, and why."""
+    """What a version records of the repair it made: the files found lost, with lost images or with rows gone, and
+    why."""
     return {"lost_metadata_files": [damage.file for damage in damaged if damage.whole],
-            "metadata_files_with_lost_images": [damage.file for damage in damaged if not damage.whole],
-            "rows_lost": {damage.file: None if damage.whole else int(damage.lost.sum()) for damage in damaged},
+            "metadata_files_with_lost_images": [damage.file for damage in damaged
+                                                if not damage.whole and damage.lost.any()],
+            "metadata_files_with_rows_gone": [damage.file for damage in damaged if damage.rows_gone],
+            "rows_lost": {damage.file: None if damage.whole else int(damage.lost.sum()) + damage.rows_gone
+                          for damage in damaged},
             "problems": [damage.problem for damage in damaged]}
 
 
 def repaired_history(plan: VersionPlan) -> list[dict]:
     """The published versions without the lost rows: a metadata file lost whole leaves its version's list (named
-    in its `lost_metadata_files`), and one whose rows lost their images is written again, in its own folder, without
-    those rows. Their keys are sampled again by this run."""
+    in its `lost_metadata_files`), and one whose rows lost their images, or that holds fewer rows than it did, is
+    written again, in its own folder, without the lost rows (so its counts are what it holds). Their keys are sampled again by this run."""
     damage = {damage.file: damage for damage in plan.damaged}
     history = []
     for entry in plan.history:

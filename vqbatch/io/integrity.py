@@ -6,8 +6,9 @@ each version folder once (8 bytes per listed path: its 64-bit `vqbatch.keys.key_
 present only if its path's hash equals a listed path's, about one chance in 10^5 for ten million files), and asks
 the dataset's format which rows lost their image (`row_problems` in `vqbatch.io.formats`): an image file or a tar
 that is gone, and with `decode` a tar that does not read or an image that does not decode.
-A metadata file that is gone or does not read (a truncated Parquet file) loses every row it held; `lost_input_keys`
-names those rows from the input files the manifest records (the keys they expand to that no readable file holds).
+A metadata file that is gone or does not read (a truncated Parquet file) loses every row it held, and one that
+reads but holds fewer rows than the manifest counts (rewritten without some) loses those; `lost_input_keys` names
+such rows from the input files the manifest records (the keys they expand to that no readable file holds).
 
 `vqbatch verify` reports every lost row as a mismatch naming its problem; `refresh` (`vqbatch.io.dataset`) samples
 the lost rows again and records the repair in the manifest.
@@ -38,6 +39,7 @@ class ShardDamage:
     file: str  # the published metadata file, relative to the output root
     lost: np.ndarray | None  # (N,) bool over the file's rows: those whose image is lost; None: the whole file is
     problem: str  # what is wrong, in words
+    rows_gone: int = 0  # rows the manifest counts in the file that it no longer holds (named from the input files)
 
     @property
     def whole(self) -> bool:
@@ -56,13 +58,6 @@ class Inspection:
     def lost_files(self) -> list[str]:
         return [damage.file for damage in self.damaged if damage.whole]
 
-    def summary(self) -> dict:
-        """What a repair of this damage records in the manifest."""
-        return {"lost_files": [damage.file for damage in self.damaged if damage.whole],
-                "files_with_lost_images": [damage.file for damage in self.damaged if not damage.whole],
-                "rows_lost_with_images": sum(int(damage.lost.sum()) for damage in self.damaged if not damage.whole),
-                "problems": [damage.problem for damage in self.damaged]}
-
 
 def inspect_shards(location: OutputRoot, shards: list[dict], output_format: str, decode: bool = False) -> Inspection:
     """Inspect the published metadata files `shards` (manifest summaries: file, rows, ok, errors) of a dataset in
@@ -79,14 +74,24 @@ def inspect_shards(location: OutputRoot, shards: list[dict], output_format: str,
         problems = shard_format(output_format).row_problems(location.filesystem, location.root, table, shard["file"],
                                                               listing.present, decode)
         lost = np.array([problem is not None for problem in problems], bool)
-        if lost.any():
-            damaged.append(ShardDamage(shard["file"], lost, f"{int(lost.sum())} row(s) of {shard['file']} lost "
-                                                            "their image"))
+        gone = max(0, shard["rows"] - table.num_rows)
+        if lost.any() or gone:
+            damaged.append(ShardDamage(shard["file"], lost, shard_problem(shard["file"], lost, gone), gone))
             lost_rows += [{"id": row["id"], "image_index": row["image_index"], "problem": problem}
                           for row, problem in zip(table.select(KEY_COLUMNS).to_pylist(), problems) if problem]
         held.append(key_column(table.filter(pa.array(~lost))))
     return Inspection(pa.concat_arrays(held) if held else pa.array([], pa.binary()), tuple(damaged),
                       tuple(lost_rows), tuple(count_problems), tuple(readable))
+
+
+def shard_problem(relative: str, lost: np.ndarray, gone: int) -> str:
+    """What is wrong with a metadata file that still reads: rows that lost their image, rows that are gone."""
+    problems = []
+    if lost.any():
+        problems.append(f"{int(lost.sum())} row(s) of {relative} lost their image")
+    if gone:
+        problems.append(f"{gone} row(s) the manifest counts in {relative} are gone from it")
+    return "; ".join(problems)
 
 
 def read_shard(location: OutputRoot, relative: str, output_format: str,
