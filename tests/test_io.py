@@ -124,6 +124,26 @@ def test_a_seed_column_must_be_in_every_file_or_none(tmp_path):
         open_input(InputConfig(paths=[str(tmp_path)]), NO_S3)
 
 
+def test_dictionary_encoded_columns_read_as_their_values(tmp_path):
+    """pandas stores a categorical column dictionary-encoded: ids, prompts and seeds given so are read as plain."""
+    table = pa.table({"id": pa.array(["a", "b", "c"]).dictionary_encode(),
+                      "prompt": pa.array(["a cat", "a cat", ""]).dictionary_encode(),
+                      "seed": pa.array([5, 5, 6]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "categorical.parquet")
+    config = InputConfig(paths=[str(tmp_path)])
+    inputs = open_input(config, NO_S3)
+    read = pa.Table.from_batches(list(inputs.batches(inputs.paths[0], inputs.columns(config))))
+    assert read.schema.types == [pa.string(), pa.string(), pa.int64()]
+    sampling = load_job_config(None, {"input.paths": "x", "model.uri": "noop", "output.uri": "o"}).sampling
+    rows = expand_rows(read, config, sampling).to_pylist()
+    assert [(row["id"], row["prompt"], row["seed"], row["status"]) for row in rows] == [
+        ("a", "a cat", 5, "ok"), ("b", "a cat", 5, "ok"), ("c", "", None, "error")]
+    repeated_id = table.set_column(0, "id", pa.array(["a", "a", "c"]).dictionary_encode())
+    pq.write_table(repeated_id, tmp_path / "categorical.parquet")
+    with pytest.raises(ValueError, match="duplicate id"):
+        open_input(config, NO_S3)
+
+
 # ---------------------------------------------------------------- image rows
 
 def test_expand_rows_gives_one_row_per_image_with_its_seed_and_status():

@@ -1,5 +1,7 @@
 """Prompt input: find the Parquet files, check them before any model loads, expand rows into image rows.
 
+A dictionary-encoded column (how pandas stores a categorical) is read as its values, so its type is its values'.
+
 Job-level problems raise a `ValueError` that says what to fix, before any model loads: no files, a file that is not
 Parquet or has a corrupt page (every file's job columns are read once, whole), a missing or mistyped column (a
 Parquet column has one type, so a non-string prompt is a whole-column problem), no rows at all, ids that are null,
@@ -80,8 +82,21 @@ class InputFiles:
             for batch in pq.ParquetFile(stream).iter_batches(batch_rows, columns=columns):
                 if left <= 0:
                     return
-                yield batch.slice(0, left)
+                yield plain_values(batch.slice(0, left))
                 left -= batch.num_rows
+
+
+def plain_values(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with each dictionary-encoded column (how pandas stores a categorical) as its plain values."""
+    if not any(pa.types.is_dictionary(field.type) for field in batch.schema):
+        return batch
+    return pa.RecordBatch.from_arrays([column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+                                       for column in batch.columns], names=batch.schema.names)
+
+
+def plain_type(data_type: pa.DataType) -> pa.DataType:
+    """The type a column is read as (`plain_values`): a dictionary-encoded one's value type."""
+    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 
 
 def open_input(config: InputConfig, s3: S3Config) -> InputFiles:
@@ -268,17 +283,19 @@ def check_columns(schema: pa.Schema, config: InputConfig, uri: str) -> None:
         if column not in schema.names:
             raise ValueError(f"input file {uri} has no column {column!r} (columns: {', '.join(schema.names)}); "
                              f"add it or set input.{setting} to the column that holds it")
-        if not accepts(schema.field(column).type):
+        if not accepts(plain_type(schema.field(column).type)):
             raise ValueError(f"input file {uri}: column {column!r} has type {schema.field(column).type}; "
                              f"it must be {wanted}")
-    if config.seed_column in schema.names and not pa.types.is_integer(schema.field(config.seed_column).type):
+    seed_type = plain_type(schema.field(config.seed_column).type) if config.seed_column in schema.names else None
+    if seed_type is not None and not pa.types.is_integer(seed_type):
         raise ValueError(f"input file {uri}: seed column {config.seed_column!r} has type "
                          f"{schema.field(config.seed_column).type}; it must be an integer in [0, 2**63)")
 
 
 def check_id_kinds_agree(schemas: dict[str, pa.Schema], config: InputConfig, filesystem: pafs.FileSystem) -> None:
     """Ray reads all files as one dataset, so the id column must be text in every file or integer in every file."""
-    integer_ids = {path: pa.types.is_integer(schema.field(config.id_column).type) for path, schema in schemas.items()}
+    integer_ids = {path: pa.types.is_integer(plain_type(schema.field(config.id_column).type))
+                   for path, schema in schemas.items()}
     if len(set(integer_ids.values())) > 1:
         example = {is_integer: to_uri(filesystem, path) for path, is_integer in integer_ids.items()}
         raise ValueError(f"id column {config.id_column!r} holds integers in {example[True]} but strings in "
@@ -293,7 +310,7 @@ def check_kept_columns_agree(schemas: dict[str, pa.Schema], config: InputConfig,
             if name not in schema.names:
                 raise ValueError(f"input.keep_columns: input file {to_uri(filesystem, path)} has no column {name!r} "
                                  f"(columns: {', '.join(schema.names)}); keep only columns every input file has")
-            types.setdefault(str(schema.field(name).type), to_uri(filesystem, path))
+            types.setdefault(str(plain_type(schema.field(name).type)), to_uri(filesystem, path))
         if len(types) > 1:
             shown = "; ".join(f"{kind} in {uri}" for kind, uri in types.items())
             raise ValueError(f"input.keep_columns: column {name!r} has different types across input files ({shown}); "
