@@ -4,7 +4,9 @@ shared fixtures."""
 import contextlib
 import os
 import socket
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -75,6 +77,27 @@ def local_ray():
     """A fresh local Ray for one test module."""
     with ray_started_locally():
         yield
+
+
+def published_dataset(folder: Path, output_format: str, statuses: list[str]) -> list[np.ndarray | None]:
+    """A dataset of the no-op model in `output_format`, written without Ray by the engine's own writer functions,
+    one row per status (noise images on ok rows, the error 'prompt is empty' on the others): each row's pixels."""
+    from vqbatch.config import JobConfig
+    from vqbatch.io.dataset import prepare_output, publish
+    from vqbatch.io.formats import sampled_table, write_shard
+    from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
+
+    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
+                       output={"uri": str(folder), "format": output_format})
+    rows = pa.Table.from_pylist([dict(id=f"r{i}", prompt=f"prompt {i} <&>" if status == "ok" else " ", image_index=0,
+                                      seed=i, status=status, error=None if status == "ok" else "prompt is empty")
+                                 for i, status in enumerate(statuses)], schema=IMAGE_ROW_SCHEMA)
+    pixels = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) if status == "ok" else None
+              for i, status in enumerate(statuses)]
+    tokens = [[i] if status == "ok" else None for i, status in enumerate(statuses)]
+    publish(prepare_output(config.output, config.s3), [write_shard(sampled_table(rows, tokens, pixels), config)], [],
+            config)
+    return pixels
 
 
 SMALL_DATASET_OK = 11  # rows of `small_dataset` with an image; two more are error rows

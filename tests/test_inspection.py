@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import SMALL_DATASET_OK
+from conftest import SMALL_DATASET_OK, published_dataset
 from vqbatch.cli import main
 from vqbatch.config import S3Config, load_job_config
 from vqbatch.inspection import error_kinds, inspect_dataset, readable
@@ -108,6 +108,13 @@ def test_decode_refuses_a_bad_format_and_size(dataset_uris, tmp_path, capsys):
     assert "invalid choice: 'gif'" in capsys.readouterr().err
     assert main(["decode", dataset_uris["local"], "--ids", "p1", "--to", str(tmp_path), "--size", "0"]) == 2
     assert "--size must be a positive number of pixels, got 0" in capsys.readouterr().err
+
+
+def test_decode_refuses_a_dataset_of_the_noop_model(tmp_path, capsys):
+    published_dataset(tmp_path / "out", "files", ["ok", "ok"])
+    assert main(["decode", str(tmp_path / "out"), "--ids", "r0", "--to", str(tmp_path / "decoded")]) == 2
+    assert "made with the no-op model 'noop'" in capsys.readouterr().err
+    assert not (tmp_path / "decoded").exists()
 
 
 def test_error_kinds_group_messages_that_differ_only_in_numbers_and_details():

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from conftest import SMALL_DATASET_OK
+from conftest import SMALL_DATASET_OK, published_dataset
 from headless_chromium import Browser
 from system_packages import apt_install
 from vqbatch.choices import OUTPUT_FORMATS
@@ -117,22 +117,6 @@ def test_each_speed_line_is_drawn_across_the_run_even_with_one_time_bin(images_p
     total = [sum(counts) / 6.0 for counts in zip(*images_per_bin.values())]
     heights = [y for _, y in lines[0]][::2]  # one level per bin: the higher the rate, the higher the line
     assert sorted(range(bins), key=lambda i: heights[i]) == sorted(range(bins), key=lambda i: -total[i])
-
-
-def published_dataset(folder: Path, output_format: str, statuses: list[str]) -> list[np.ndarray | None]:
-    """A dataset in `output_format` written by the engine's own writer functions, one row per status (noise images
-    on ok rows, the error 'prompt is empty' on the others): the pixels of each row."""
-    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
-                       output={"uri": str(folder), "format": output_format})
-    rows = pa.Table.from_pylist([dict(id=f"r{i}", prompt=f"prompt {i} <&>" if status == "ok" else " ", image_index=0,
-                                      seed=i, status=status, error=None if status == "ok" else "prompt is empty")
-                                 for i, status in enumerate(statuses)], schema=IMAGE_ROW_SCHEMA)
-    pixels = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) if status == "ok" else None
-              for i, status in enumerate(statuses)]
-    tokens = [[i] if status == "ok" else None for i, status in enumerate(statuses)]
-    publish(prepare_output(config.output, config.s3), [write_shard(sampled_table(rows, tokens, pixels), config)], [],
-            config)
-    return pixels
 
 
 @pytest.mark.parametrize("output_format", OUTPUT_FORMATS)

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from vqbatch.choices import IMAGE_FORMATS, check_choice
-from vqbatch.config import ModelConfig, S3Config
+from vqbatch.config import NOOP_MODEL, ModelConfig, S3Config
 from vqbatch.io.formats import is_metadata_name, is_shard_name
 from vqbatch.io.images import EXTENSIONS, encode_image
 from vqbatch.keys import readable_stem
@@ -144,6 +144,9 @@ def decode_rows(output_uri: str, ids: list[str], to: str | Path, image_format: s
     s3 = s3 or S3Config()
     dataset = StoredDataset.open(output_uri, s3)
     rows = rows_with_ids(dataset.metadata, ids).filter(pc.field("status") == "ok")
+    if NOOP_MODEL in rows.column("model").to_pylist():
+        raise ValueError(f"{output_uri} was made with the no-op model {NOOP_MODEL!r} (a data-plane run): its "
+                         "tokens are zeros and it has no decoder; decode rows of a dataset made with a checkpoint")
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
     quality = dataset.manifest["output"]["image_quality"]
