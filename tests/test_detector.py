@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -93,8 +95,9 @@ def test_caption_parser_round_trips_and_rejects_other_text():
             parse_caption(text)
 
 
-def engine_dataset(folder, images, prompts, statuses, output_format="files"):
-    """A dataset in the engine's output layout and `output_format`, written by the engine's own writer functions."""
+def engine_dataset(folder, images, prompts, statuses, output_format="files", s3=None):
+    """A dataset in the engine's output layout and `output_format`, written by the engine's own writer functions;
+    `s3`: the job's s3 settings for an s3:// folder."""
     import pyarrow as pa
 
     from vqbatch.config import JobConfig
@@ -103,7 +106,7 @@ def engine_dataset(folder, images, prompts, statuses, output_format="files"):
     from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
     config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
-                       output={"uri": str(folder), "format": output_format})
+                       output={"uri": str(folder), "format": output_format}, s3=s3 or {})
     rows = pa.Table.from_pylist([dict(id=str(i), prompt=p, image_index=0, seed=i, status=s, error=None)
                                  for i, (p, s) in enumerate(zip(prompts, statuses))], schema=IMAGE_ROW_SCHEMA)
     pixels = [image if status == "ok" else None for image, status in zip(images, statuses)]
@@ -145,6 +148,25 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     assert main(["eval", "--output", str(tmp_path / "out"), "--detector-check", "20"]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "100.0%" in printed and "detector accuracy on 20" in printed
+
+
+def test_eval_reads_an_s3_dataset_with_the_s3_settings_of_its_config(moto_server, tmp_path, capsys):
+    import boto3
+
+    from vqbatch.cli import main
+
+    settings = {"endpoint_url": moto_server, "access_key_id": "testing", "secret_access_key": "testing",
+                "region": "us-east-1"}
+    boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="shapes")
+    dataset = ShapesDataset(4, seed=5, image_size=32)
+    samples = [dataset[i] for i in range(4)]
+    engine_dataset("s3://shapes/out", [s.image for s in samples], [s.caption for s in samples], ["ok"] * 4,
+                   s3=settings)
+    config = tmp_path / "job.yaml"
+    config.write_text("s3:\n" + "".join(f"  {key}: {value}\n" for key, value in settings.items()))
+    assert main(["eval", "--output", "s3://shapes/out", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"]["n"] == 4
 
 
 class RenderingPipeline:

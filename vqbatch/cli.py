@@ -32,6 +32,7 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--detector-check", type=int, default=0, metavar="N",
                         help="also report the detector's accuracy on N fresh ground-truth renders")
+    add_s3_flag(parser)
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -39,7 +40,7 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
         from vqbatch.train.adherence import evaluate_dataset, format_report
         from vqbatch.train.detector import detector_accuracy
 
-        report = evaluate_dataset(args.output)
+        report = evaluate_dataset(args.output, s3=job_s3(args))
         if args.detector_check:
             report["detector_accuracy"] = detector_accuracy(args.detector_check)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
