@@ -79,21 +79,24 @@ def local_ray():
         yield
 
 
-def published_dataset(folder: Path, output_format: str, statuses: list[str]) -> list[np.ndarray | None]:
-    """A dataset of the no-op model in `output_format`, written without Ray by the engine's own writer functions,
-    one row per status (noise images on ok rows, the error 'prompt is empty' on the others): each row's pixels."""
+def published_dataset(folder, output_format: str, statuses: list[str], images: list[np.ndarray] | None = None,
+                      prompts: list[str] | None = None, s3: dict | None = None) -> list[np.ndarray | None]:
+    """A dataset of the no-op model in `output_format` at `folder` (an s3:// one with the job's `s3` settings),
+    written without Ray by the engine's own writer functions, one row per status: ok rows hold `images` (default:
+    noise) and `prompts`; the others the error 'prompt is empty'. Returns each row's pixels (None on errors)."""
     from vqbatch.config import JobConfig
     from vqbatch.io.dataset import prepare_output, publish
     from vqbatch.io.formats import sampled_table, write_shard
     from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
 
     config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
-                       output={"uri": str(folder), "format": output_format})
-    rows = pa.Table.from_pylist([dict(id=f"r{i}", prompt=f"prompt {i} <&>" if status == "ok" else " ", image_index=0,
-                                      seed=i, status=status, error=None if status == "ok" else "prompt is empty")
-                                 for i, status in enumerate(statuses)], schema=IMAGE_ROW_SCHEMA)
-    pixels = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) if status == "ok" else None
-              for i, status in enumerate(statuses)]
+                       output={"uri": str(folder), "format": output_format}, s3=s3 or {})
+    images = images or [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) for i in range(len(statuses))]
+    prompts = prompts or [f"prompt {i} <&>" if status == "ok" else " " for i, status in enumerate(statuses)]
+    rows = pa.Table.from_pylist([dict(id=f"r{i}", prompt=prompt, image_index=0, seed=i, status=status,
+                                      error=None if status == "ok" else "prompt is empty")
+                                 for i, (prompt, status) in enumerate(zip(prompts, statuses))], schema=IMAGE_ROW_SCHEMA)
+    pixels = [image if status == "ok" else None for image, status in zip(images, statuses)]
     tokens = [[i] if status == "ok" else None for i, status in enumerate(statuses)]
     publish(prepare_output(config.output, config.s3), [write_shard(sampled_table(rows, tokens, pixels), config)], [],
             config)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import published_dataset
 from vqbatch.train.detector import (MIN_AREA_FRACTION, count_specks, detect, detector_accuracy, parse_caption, score,
                                     summarize)
 from vqbatch.train.shapes import COLOURS, Scene, Shape, ShapesDataset, render
@@ -95,26 +96,6 @@ def test_caption_parser_round_trips_and_rejects_other_text():
             parse_caption(text)
 
 
-def engine_dataset(folder, images, prompts, statuses, output_format="files", s3=None):
-    """A dataset in the engine's output layout and `output_format`, written by the engine's own writer functions;
-    `s3`: the job's s3 settings for an s3:// folder."""
-    import pyarrow as pa
-
-    from vqbatch.config import JobConfig
-    from vqbatch.io.dataset import prepare_output, publish
-    from vqbatch.io.formats import sampled_table, write_shard
-    from vqbatch.io.prompts import IMAGE_ROW_SCHEMA
-
-    config = JobConfig(input={"paths": ["unused.parquet"]}, model={"uri": "noop"},
-                       output={"uri": str(folder), "format": output_format}, s3=s3 or {})
-    rows = pa.Table.from_pylist([dict(id=str(i), prompt=p, image_index=0, seed=i, status=s, error=None)
-                                 for i, (p, s) in enumerate(zip(prompts, statuses))], schema=IMAGE_ROW_SCHEMA)
-    pixels = [image if status == "ok" else None for image, status in zip(images, statuses)]
-    tokens = [[0] if status == "ok" else None for status in statuses]
-    location = prepare_output(config.output, config.s3)
-    publish(location, [write_shard(sampled_table(rows, tokens, pixels), config)], [], config)
-
-
 @pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
 def test_evaluate_dataset_reports_each_group(tmp_path, output_format):
     """`vqbatch eval` reads a dataset of any format (its images through `read_dataset`)."""
@@ -126,7 +107,7 @@ def test_evaluate_dataset_reports_each_group(tmp_path, output_format):
     prompts[:10] = prompts[1:11]  # ten images with the wrong caption
     prompts[11] = "a teddy bear playing in the pool"
     statuses = ["error" if i == 12 else "ok" for i in range(40)]
-    engine_dataset(tmp_path / "out", [s.image for s in samples], prompts, statuses, output_format)
+    published_dataset(tmp_path / "out", output_format, statuses, [s.image for s in samples], prompts)
     report = evaluate_dataset(str(tmp_path / "out"))
     assert report["failed_rows"] == 1 and report["unscored_prompts"] == 1
     scored = [i for i in range(40) if i not in (11, 12)]
@@ -144,7 +125,7 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
 
     dataset = ShapesDataset(6, seed=4, image_size=32)
     samples = [dataset[i] for i in range(6)]
-    engine_dataset(tmp_path / "out", [s.image for s in samples], [s.caption for s in samples], ["ok"] * 6)
+    published_dataset(tmp_path / "out", "files", ["ok"] * 6, [s.image for s in samples], [s.caption for s in samples])
     assert main(["eval", "--output", str(tmp_path / "out"), "--detector-check", "20"]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "100.0%" in printed and "detector accuracy on 20" in printed
@@ -161,8 +142,8 @@ def test_eval_reads_an_s3_dataset_with_the_s3_settings_of_its_config(moto_server
                  region_name="us-east-1").create_bucket(Bucket="shapes")
     dataset = ShapesDataset(4, seed=5, image_size=32)
     samples = [dataset[i] for i in range(4)]
-    engine_dataset("s3://shapes/out", [s.image for s in samples], [s.caption for s in samples], ["ok"] * 4,
-                   s3=settings)
+    published_dataset("s3://shapes/out", "files", ["ok"] * 4, [s.image for s in samples],
+                      [s.caption for s in samples], s3=settings)
     config = tmp_path / "job.yaml"
     config.write_text("s3:\n" + "".join(f"  {key}: {value}\n" for key, value in settings.items()))
     assert main(["eval", "--output", "s3://shapes/out", "--config", str(config), "--json"]) == 0
