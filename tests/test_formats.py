@@ -18,13 +18,15 @@ import pytest
 import webdataset
 from ray.util.annotations import RayDeprecationWarning
 
+from conftest import published_dataset
 from vqbatch import read_dataset
 from vqbatch.config import load_job_config
 from vqbatch.engine import refresh, run_job
 from vqbatch.io.dataset import prepare_output, publish
-from vqbatch.io.formats import sampled_table, write_shard
+from vqbatch.io.formats import sampled_table, tar_members, write_shard
 from vqbatch.io.images import decode_image
 from vqbatch.proof import rerun, verify
+from vqbatch.keys import sample_key
 from vqbatch.tiny import write_tiny_checkpoint
 
 FORMATS = ["files", "webdataset", "parquet"]
@@ -241,3 +243,20 @@ def test_kept_columns_are_checked_before_ray_starts(tmp_path):
     with pytest.raises(ValueError, match="output.format.*'files', 'webdataset' or 'parquet'|output.format"):
         job(both[0], tmp_path / "out", "tar")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_webdataset_samples_json_is_its_metadata_row_less_the_tokens(tmp_path):
+    """`<key>.json` holds the row's metadata: every column of its metadata row, in order, but the tokens (their own
+    member), with `image` naming the sample's image member."""
+    published_dataset(tmp_path / "out", "webdataset", ["ok", "error", "ok"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    metadata = pq.read_table(tmp_path / "out" / manifest["metadata_files"][0]["file"]).to_pylist()
+    members = dict(tar_members((tmp_path / "out" / manifest["data_files"][0]).read_bytes()))
+    samples = {name.removesuffix(".json"): json.loads(data) for name, data in members.items() if name.endswith(".json")}
+    expected = {sample_key(row["id"], row["image_index"]):
+                {name: value for name, value in row.items() if name != "tokens"}
+                for row in metadata if row["status"] == "ok"}
+    assert samples == expected and len(samples) == 2
+    for key, sample in samples.items():
+        assert list(sample) == list(expected[key]) and sample["image"].endswith(f"/{key}.png")
+        assert sample["steps"] == metadata[0]["steps"] and sample["model"] == "noop"

@@ -9,8 +9,8 @@ where the image bytes live:
                  under the output root, `file_name` its path under the metadata file's own folder (what HF
                  `datasets`' imagefolder resolves)
     webdataset   part-<digest>.tar beside its metadata file, written first: per ok row `<key>.<png|jpg|webp>`,
-                 `<key>.json` (the row's metadata) and `<key>.tokens.npy` (int32 tokens), the WebDataset naming
-                 that `webdataset.WebDataset(urls)` reads; `image` is `<tar path>/<member>`. Error rows are only in
+                 `<key>.json` (its metadata row but the tokens) and `<key>.tokens.npy` (int32 tokens), the
+                 WebDataset naming that `webdataset.WebDataset(urls)` reads; `image` is `<tar path>/<member>`. Error rows are only in
                  the metadata file (as img2dataset does): a training loop sees whole samples, and the tar of a shard
                  without an ok row, empty, is left out of the manifest's `data_files`.
     parquet      the metadata file is the data: `image` is a struct {bytes, path} that HF `datasets` reads as an
@@ -73,6 +73,7 @@ class ShardRows:
     extension: str  # png, jpg or webp
     folder: str  # the version folder, relative to the output root
     digest: str  # names the shard by its rows' keys
+    constants: dict  # the metadata columns every row of the run shares (`run_constants`)
 
     @property
     def metadata_relative(self) -> str:
@@ -146,11 +147,12 @@ class WebDatasetFormat:
         """Write the shard's tar (its metadata file comes after it); return the `image` column."""
         tar_relative = tar_of(shard.metadata_relative)
         keys, names = shard.keys(), [None] * shard.sampled.num_rows
-        rows = sample_json_rows(shard.sampled)
+        rows = sample_json_rows(shard)
         tokens = shard.sampled.column("tokens").to_pylist()
         members = []
         for position in shard.ok_positions():
             names[position] = f"{keys[position]}.{shard.extension}"
+            rows[position]["image"] = f"{tar_relative}/{names[position]}"
             members += [(names[position], shard.images(position)),
                         (f"{keys[position]}.json", json_bytes(rows[position])),
                         (f"{keys[position]}.tokens.npy", npy_bytes(np.asarray(tokens[position], TOKENS_DTYPE)))]
@@ -210,11 +212,17 @@ def member_of(image: str) -> str:
     return image.rsplit("/", 1)[1]
 
 
-def sample_json_rows(sampled: pa.Table) -> list[dict]:
-    """Each row's metadata for its `<key>.json`: every column but the pixels and the tokens (they have their own
-    member)."""
-    names = [name for name in sampled.column_names if name not in ("pixels", "tokens")]
-    return sampled.select(names).to_pylist()
+def sample_json_rows(shard: ShardRows) -> list[dict]:
+    """Each row's metadata for its `<key>.json`, the columns of its metadata row in their order but the tokens (a
+    member of their own): the sampled columns, `image` (set by the writer) and the run's constants, then the kept
+    input columns."""
+    order = metadata_schema(WebDatasetFormat.name).names
+    columns = {name: shard.sampled.column(name).to_pylist() for name in shard.sampled.column_names
+               if name not in ("pixels", "tokens")}
+    names = [name for name in order if name in columns or name in shard.constants or name == "image"]
+    names += [name for name in columns if name not in order]  # the kept input columns
+    return [{name: columns[name][position] if name in columns else shard.constants.get(name) for name in names}
+            for position in range(shard.sampled.num_rows)]
 
 
 def json_bytes(row: dict) -> bytes:
@@ -415,7 +423,7 @@ def write_shard(sampled: pa.Table, config: JobConfig, folder: str = "") -> dict:
     settings = config.output
     shard = ShardRows(sampled, encoded_images(sampled, pixel_views(sampled), settings.image_format,
                                               settings.image_quality),
-                      EXTENSIONS[settings.image_format], folder, keys_digest(sampled))
+                      EXTENSIONS[settings.image_format], folder, keys_digest(sampled), run_constants(config))
     image_columns = shard_format(settings.format).write_images(output.filesystem, output.root, shard)
     metadata = metadata_table(sampled, image_columns, config)
     write_bytes_atomically(output.filesystem, output.path(shard.metadata_relative), parquet_bytes(metadata))
@@ -440,15 +448,20 @@ def pixel_views(sampled: pa.Table) -> list[np.ndarray | None]:
             for view, height, width in zip(flat, heights, widths)]
 
 
+def run_constants(config: JobConfig) -> dict:
+    """The metadata columns every row of a run shares: the model and the sampling parameters."""
+    return {"model": config.model.uri, "steps": config.sampling.steps,
+            "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
+            "truncation_target": config.sampling.truncation_target,
+            "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
+            "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
+            "image_format": config.output.image_format}
+
+
 def metadata_table(sampled: pa.Table, image_columns: dict[str, pa.Array], config: JobConfig) -> pa.Table:
-    """The metadata rows of a shard: its sampled rows less the pixels, the format's `image_columns`, the sampling
-    parameters, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
-    constants = {"model": config.model.uri, "steps": config.sampling.steps,
-                 "guidance_scale": config.sampling.guidance_scale, "truncation_rate": config.sampling.truncation_rate,
-                 "truncation_target": config.sampling.truncation_target,
-                 "timestep_spacing": config.sampling.timestep_spacing, "sampler": config.sampling.sampler,
-                 "prior_weight": config.sampling.prior_weight, "noise": config.sampling.noise,
-                 "image_format": config.output.image_format}
+    """The metadata rows of a shard: its sampled rows less the pixels, the format's `image_columns`, the run's
+    constants, and the kept input columns last; in the parquet format the schema marks `image` as an HF Image."""
+    constants = run_constants(config)
     kept = [field for field in sampled.schema if field.name not in SAMPLED_SCHEMA.names]
     schema = metadata_schema(config.output.format, kept)
     columns = {name: sampled.column(name) for name in sampled.column_names if name in schema.names}
