@@ -474,7 +474,8 @@ def repair_record(damaged: tuple[ShardDamage, ...]) -> dict:
 def repaired_history(plan: VersionPlan) -> list[dict]:
     """The published versions without the lost rows: a metadata file lost whole leaves its version's list (named
     in its `lost_metadata_files`), and one whose rows lost their images, or that holds fewer rows than it did, is
-    written again, in its own folder, without the lost rows (so its counts are what it holds). Their keys are sampled again by this run."""
+    written again, in its own folder, without the lost rows (so its counts are what it holds). Their keys are
+    sampled again by this run."""
     damage = {damage.file: damage for damage in plan.damaged}
     history = []
     for entry in plan.history:

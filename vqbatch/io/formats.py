@@ -10,9 +10,10 @@ where the image bytes live:
                  `datasets`' imagefolder resolves)
     webdataset   part-<digest>.tar beside its metadata file, written first: per ok row `<key>.<png|jpg|webp>`,
                  `<key>.json` (its metadata row but the tokens) and `<key>.tokens.npy` (int32 tokens), the
-                 WebDataset naming that `webdataset.WebDataset(urls)` reads; `image` is `<tar path>/<member>`. Error rows are only in
-                 the metadata file (as img2dataset does): a training loop sees whole samples, and the tar of a shard
-                 without an ok row, empty, is left out of the manifest's `data_files`.
+                 WebDataset naming that `webdataset.WebDataset(urls)` reads; `image` is `<tar path>/<member>`.
+                 Error rows are only in the metadata file (as img2dataset does): a training loop sees whole
+                 samples, and the tar of a shard without an ok row, empty, is left out of the manifest's
+                 `data_files`.
     parquet      the metadata file is the data: `image` is a struct {bytes, path} that HF `datasets` reads as an
                  `Image` feature (the schema carries the feature), null on error rows
 
