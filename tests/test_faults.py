@@ -23,7 +23,6 @@ SAMPLING = {"steps": 3, "guidance_scale": 3.0, "truncation_rate": 0.9}
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "two cats", "a dog on the beach", "a yellow star",
            "the moon at night", "a pink heart"]
 SEEDS = [11, 12, 13, 14, 15, 16, 17, 18]
-SECONDS_INTO_SAMPLING = 6
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +111,12 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_row_lands_once(tiny_model
     ids = [f"row{i:02d}" for i in range(24)]
     pq.write_table(pa.table({"id": ids, "prompt": [PROMPTS[i % 8] for i in range(24)]}), tmp_path / "in.parquet")
     config = load_job_config(None, {"input.paths": str(tmp_path / "in.parquet"), "model.uri": tiny_model,
-                                    "output.uri": str(tmp_path / "out"), "sampling.steps": 12,
+                                    "output.uri": str(tmp_path / "out"), "sampling.steps": 100,
                                     "compute.batch_size": 2, "output.rows_per_file": 2})
     progress, outcome = [], {}
     with ray_started_locally():
-        job = threading.Thread(target=lambda: outcome.update(summary=run_job(config, on_progress=progress.append)))
+        job = threading.Thread(target=lambda: outcome.update(
+            summary=run_job(config, on_progress=progress.append, progress_every=0.05)))
         job.start()
         killed = kill_sampler_while_it_samples(progress, job)
         job.join(timeout=300)
@@ -130,15 +130,16 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_row_lands_once(tiny_model
 
 
 def kill_sampler_while_it_samples(progress: list, job: threading.Thread) -> int:
-    """SIGKILL the sampling actor's process a few seconds into sampling (the model loads in about a second; the
-    whole job samples for about a minute), while no metadata file has been written yet."""
-    deadline = time.monotonic() + 120
-    while not sampler_actor_pids() and job.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(SECONDS_INTO_SAMPLING)
+    """SIGKILL the sampling actor's process once it has sampled a batch and before it has sampled them all. The 24
+    rows are one block, which the actor hands on only when every row is sampled, so no metadata file is written yet:
+    no time is guessed, the ledger's count (ticked every 0.05 s) says when sampling is under way."""
+    deadline = time.monotonic() + 300
+    while not any(0 < report.images_done < report.images_total for report in progress):
+        assert job.is_alive(), "the job finished before the actor could be killed"
+        assert time.monotonic() < deadline, "the actor sampled nothing in 300 s"
+        time.sleep(0.02)
     pids = sampler_actor_pids()
     assert pids, "no SampleBatches actor runs"
-    assert job.is_alive() and not progress, "the job finished before the actor could be killed"
     killed = min(pids)
     os.kill(killed, signal.SIGKILL)
     return killed
